@@ -1,0 +1,1 @@
+"""Benchmarks of minimask (speed lives here, never in the tests): ``python -m bench.<name>``."""

@@ -672,3 +672,50 @@ def make_dataset(source, batch_size, max_instances, *, shuffle=True, seed=0, rep
                           deterministic=deterministic)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+# ---------------------------------------------------------------------------
+# Resizing to the model's fixed input size
+# ---------------------------------------------------------------------------
+
+
+def letterbox_image(image, size):
+    """Scale ``image`` uint8 ``[H, W, 3]`` so its longer side is ``size``, pad bottom/right with 0.
+
+    Returns ``(padded uint8 [size, size, 3], scale)``; a point ``p`` of the original is at
+    ``p * scale`` in the padded image.  Bilinear resampling (PIL).
+    """
+    image = np.asarray(image)
+    height, width = image.shape[:2]
+    scale = size / max(height, width)
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    if (new_h, new_w) != (height, width):
+        image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+    padded = np.zeros((size, size, 3), np.uint8)
+    padded[:new_h, :new_w] = image
+    return padded, scale
+
+
+def letterbox(sample, size):
+    """A sample resized like :func:`letterbox_image`: masks resampled (nearest), boxes refitted.
+
+    Boxes become the tight boxes of the resized masks; an instance whose mask vanishes at the
+    smaller scale is dropped (it could not be learned at this resolution anyway).  Crowd boxes
+    are scaled.  The returned sample carries ``"scale"``.
+    """
+    image, scale = letterbox_image(sample["image"], size)
+    new_h, new_w = (round(d * scale) for d in np.shape(sample["image"])[:2])
+    masks = np.asarray(sample["masks"], bool)
+    resized = np.zeros((len(masks), size, size), bool)
+    if len(masks):
+        # nearest neighbour: output pixel centre (i + 0.5) / scale in the source
+        rows = np.minimum(((np.arange(new_h) + 0.5) / scale).astype(np.int64), masks.shape[1] - 1)
+        cols = np.minimum(((np.arange(new_w) + 0.5) / scale).astype(np.int64), masks.shape[2] - 1)
+        resized[:, :new_h, :new_w] = masks[:, rows][:, :, cols]
+    keep = resized.reshape(len(resized), -1).any(axis=1)
+    out = dict(sample)
+    out.update(image=image, masks=resized[keep], boxes=boxes_from_masks(resized[keep]),
+               class_ids=np.asarray(sample["class_ids"], np.int32)[keep], scale=np.float32(scale))
+    if "ignore_boxes" in sample:
+        out["ignore_boxes"] = np.asarray(sample["ignore_boxes"], np.float32).reshape(-1, 4) * scale
+    return out

@@ -91,6 +91,9 @@ def export_coco(out_dir, counts=None, seed=0, **scene_kwargs):
     unknown = set(counts) - set(SPLITS)
     if unknown:
         raise ValueError(f"unknown split(s) {sorted(unknown)} in counts: expected {SPLITS}")
+    negative = {split: n for split, n in counts.items() if int(n) < 0}
+    if negative:
+        raise ValueError(f"scene counts must be >= 0, got {negative}")
     paths = {}
     for split in SPLITS:
         if counts.get(split, 0) > 0:

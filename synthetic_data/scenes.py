@@ -9,7 +9,7 @@ dark canvas:
    resized (bilinear) to a random square size, placed so that no two digit squares
    overlap by more than ``max_overlap`` IoU, painted in a random bright colour and
    alpha-blended using the digit's ink intensity; later digits cover earlier ones;
-3. annotations: a digit's mask is its ink (intensity >= 128) minus the ink of every
+3. annotations: a digit's mask is its ink (at least half its brightest pixel) minus the ink of every
    digit drawn after it (occlusion), so masks of different instances never overlap;
    a digit left with less than ``min_visible`` of its own ink (or none) is not
    annotated; the box is the tight box of the visible mask; class id = digit + 1.
@@ -34,9 +34,12 @@ from synthetic_data.mnist import SPLITS, load_mnist, split_pools
 CATEGORY_NAMES = ["background"] + [str(digit) for digit in range(10)]
 SPLIT_IDS = {name: k for k, name in enumerate(SPLITS)}  # train 0, val 1, test 2
 
-# A pixel is "ink" (part of the digit's mask) when its MNIST intensity is at least
-# half of full ink.  The faint anti-aliased rim below that is drawn but not annotated.
-INK_THRESHOLD = 128
+# A pixel is "ink" (part of the digit's mask) when its intensity in the resized patch is
+# at least this fraction of the patch's brightest pixel.  Relative, not absolute: shrinking a
+# thin digit to 14 px blurs its strokes below half of full ink, and an absolute threshold
+# would then keep only a few pixels of a clearly visible digit.  The faint anti-aliased rim
+# below the threshold is drawn but not annotated.
+INK_FRACTION = 0.5
 # Background: a colour with channels in [0, 64) plus uniform noise in [-a, a], with the
 # amplitude a drawn per scene from this range (uniform: 5x faster to draw than Gaussian).
 BACKGROUND_MAX_LEVEL = 64
@@ -124,8 +127,8 @@ class MnistDetection:
     in pixels; ``max_overlap`` caps the IoU between any two digit patches;
     ``min_visible`` is the fraction of a digit's own ink that must stay uncovered for
     it to be annotated; ``empty_fraction`` is the probability that a scene has no digit.
-    Below about 12 pixels a resized digit may keep no ink >= 128 and is then drawn but
-    not annotated (never at the default 14 pixels or more).
+    The mask of a digit is its ink relative to the patch's brightest pixel (``INK_FRACTION``),
+    so even a small, blurred digit keeps the mask of its visible strokes.
     """
 
     category_names = CATEGORY_NAMES
@@ -218,7 +221,7 @@ class MnistDetection:
         for k, (y1, x1, y2, x2) in enumerate(squares):  # at most max_digits digits
             patch = _resize_digit(self.digit_images[digit_index[k]], y2 - y1)  # uint8 [s, s]
             _paint(canvas[y1:y2, x1:x2], patch, _bright_colour(rng))
-            full_masks[k, y1:y2, x1:x2] = patch >= INK_THRESHOLD
+            full_masks[k, y1:y2, x1:x2] = ink_mask(patch)
         image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
         class_ids = self.digit_labels[digit_index].astype(np.int32) + 1
         return SceneLayers(image, full_masks, squares, digit_index.astype(np.int32), class_ids)
@@ -271,6 +274,12 @@ def _place_squares(rng, num_digits, image_size, digit_size, max_overlap):
                 placed.append(square)
                 break
     return np.stack(placed) if placed else np.zeros([0, 4], np.int64)
+
+
+def ink_mask(patch):
+    """uint8 digit patch -> bool mask of its ink (see ``INK_FRACTION``); an all-dark patch has none."""
+    peak = int(patch.max())
+    return (patch >= INK_FRACTION * peak) & (peak > 0)
 
 
 def _resize_digit(digit, side):

@@ -78,11 +78,14 @@ class RPNHead(keras.layers.Layer):
         logits, deltas = [], []
         for level in features:  # a handful of pyramid levels, not anchors
             batch = tf.shape(level)[0]
+            # anchors of this level per image: static when the map size is, so A stays static
+            height, width = level.shape[1], level.shape[2]
+            per_image = -1 if height is None or width is None else height * width * self.num_anchors
             hidden = self.conv(level)  # [B, Hl, Wl, C] -> [B, Hl, Wl, channels]
             level_logits = self.objectness(hidden)  # [B, Hl, Wl, k]
             level_deltas = self.deltas(hidden)  # [B, Hl, Wl, k*4]
-            logits.append(tf.reshape(level_logits, [batch, -1]))  # [B, Hl, Wl, k] -> [B, Hl*Wl*k]
-            deltas.append(tf.reshape(level_deltas, [batch, -1, 4]))  # [B, Hl, Wl, k*4] -> [B, Hl*Wl*k, 4]
+            logits.append(tf.reshape(level_logits, [batch, per_image]))  # [B, Hl, Wl, k] -> [B, Hl*Wl*k]
+            deltas.append(tf.reshape(level_deltas, [batch, per_image, 4]))  # [B, Hl, Wl, k*4] -> [B, Hl*Wl*k, 4]
         return tf.concat(logits, axis=1), tf.concat(deltas, axis=1)  # [B, A], [B, A, 4]
 
     def get_config(self):

@@ -1,0 +1,6 @@
+"""``python -m minimask ...``: see :mod:`minimask.cli`."""
+import sys
+
+from minimask.cli import main
+
+sys.exit(main())

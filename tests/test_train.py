@@ -1,0 +1,127 @@
+"""Training reliability: determinism, the NaN guard, kill-and-resume, the command line's errors.
+
+Budgets are tiny (a few steps of a 64x64 model): these test the plumbing; the quality bars
+are measured by the real commands (see the README).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import keras
+
+from conftest import tiny_config
+from minimask import train
+from minimask.cli import main as cli_main
+from synthetic_data import MnistDetection
+
+
+def _source(config, n=16, seed=0):
+    return MnistDetection("train", n, seed, image_size=config.image_size, max_digits=3, digit_size=(14, 30))
+
+
+def test_same_seed_same_training_curve(tmp_path):
+    config = tiny_config(checkpoint_every=100)
+    curves = []
+    for run in ("a", "b"):
+        train.run(config, str(tmp_path / run), train_source=_source(config), steps=6, verbose=0, evaluate=False)
+        with open(tmp_path / run / "history.json") as f:
+            curves.append(json.load(f))
+    assert curves[0]["step"] == curves[1]["step"] and len(curves[0]["step"]) > 0
+    for name in ("rpn_class", "class", "mask"):
+        np.testing.assert_array_equal(curves[0][name], curves[1][name], err_msg=name)
+    assert os.path.exists(tmp_path / "a" / "loss_curves.png")
+    assert json.load(open(tmp_path / "a" / "checkpoints" / "state.json"))["step"] == 6
+
+
+def test_one_image_dataset_trains(tmp_path):
+    config = tiny_config()
+    model, _ = train.run(config, str(tmp_path / "one"), train_source=_source(config, n=1), steps=3, verbose=0,
+                         evaluate=False)
+    assert int(model.optimizer.iterations.numpy()) == 3
+
+
+def test_exploding_learning_rate_is_stopped_by_the_nan_guard(tmp_path):
+    config = tiny_config(optimizer="sgd", learning_rate=1e12, clipnorm=0.0, warmup_steps=0, checkpoint_every=1)
+    run_dir = tmp_path / "nan"
+    with pytest.raises(train.TrainingError, match=r"non-finite loss at step \d+: .*") as err:
+        train.run(config, str(run_dir), train_source=_source(config), steps=40, verbose=0, evaluate=False)
+    message = str(err.value)
+    step = int(message.split("at step ")[1].split(":")[0])
+    assert any(name in message for name in ("rpn_class", "rpn_box", "class", "box", "mask", "gradient"))
+    # the offending batch is saved, and the last checkpoint is the last good step, loadable
+    saved = np.load(run_dir / "nan_batch.npz")
+    assert saved["image"].shape == (config.batch_size, 64, 64, 3)
+    state = json.load(open(run_dir / "checkpoints" / "state.json"))
+    assert state["step"] == step - 1
+    restored = keras.models.load_model(str(run_dir / "checkpoints" / "last.keras"))
+    assert all(np.all(np.isfinite(w)) for w in restored.get_weights())
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from conftest import tiny_config
+    from minimask import train
+    from synthetic_data import MnistDetection
+    config = tiny_config(checkpoint_every=3, steps_per_epoch=100)
+    source = MnistDetection("train", 16, 0, image_size=64, max_digits=3, digit_size=(14, 30))
+    train.run(config, {run_dir!r}, train_source=source, steps=400, verbose=0, evaluate=False)
+""")
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    run_dir = str(tmp_path / "killed")
+    script = KILL_SCRIPT.format(tests=os.path.dirname(__file__), run_dir=run_dir)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_path = os.path.join(run_dir, "checkpoints", "state.json")
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if os.path.exists(state_path) and json.load(open(state_path))["step"] >= 6:
+                break
+            assert proc.poll() is None, "the training process ended before it was killed"
+            time.sleep(0.2)
+        else:
+            pytest.fail("no checkpoint at step >= 6 within 240 s")
+        proc.send_signal(signal.SIGKILL)  # mid-epoch, possibly mid-write
+    finally:
+        proc.wait()
+    assert not os.path.exists(os.path.join(run_dir, "model.keras"))
+    step = json.load(open(state_path))["step"]
+    # no half-written file: the checkpoint loads, whatever moment the kill came
+    keras.models.load_model(os.path.join(run_dir, "checkpoints", "last.keras"))
+    config = tiny_config(checkpoint_every=3, steps_per_epoch=100)
+    with pytest.raises(train.TrainingError, match="different config"):
+        train.run(config.replace(seed=1), run_dir, train_source=_source(config), steps=400, resume=True, verbose=0)
+    with pytest.raises(train.TrainingError, match="already holds a run"):
+        train.run(config, run_dir, train_source=_source(config), steps=400, verbose=0)
+    model, _ = train.run(config, run_dir, train_source=_source(config), steps=step + 4, resume=True,
+                         verbose=0, evaluate=False)
+    # the step count continues from the checkpoint
+    assert int(model.optimizer.iterations.numpy()) == step + 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["evaluate", "--run", "/nonexistent/run"], "does not exist"),
+    (["train", "--train-json", "x.json"], "go together"),
+    (["train", "--config", "nope", "--steps", "1", "--out", "/tmp/x"], "unknown config"),
+])
+def test_cli_errors_are_one_line(argv, message, capsys):
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+
+
+def test_cli_bad_coco_file_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert cli_main(["train", "--train-json", str(bad), "--train-images", str(tmp_path), "--out",
+                     str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "bad.json" in err and "\n" not in err

@@ -229,3 +229,38 @@ def evaluate_model(model, source, batch_size=8, coco_gt=None, verbose=True):
         category_ids = None
     results = detections_to_coco_results(image_ids, detections, category_ids)
     return evaluate_coco(coco_gt, results, verbose=verbose), results
+
+
+def proposal_recall(model, source, counts=(10, 20, 50, 100), iou_threshold=0.5, batch_size=8, num_images=None):
+    """Share of ground-truth boxes that some proposal covers at IoU >= ``iou_threshold``,
+    keeping the best ``n`` proposals per image, for each ``n`` in ``counts`` -> ``{n: recall}``.
+
+    The RPN's own measure of quality (Faster R-CNN Sec. 4.1, Fig. 2/3): the detector
+    can only find an object that some proposal covers.  Uses the model's inference
+    proposals (``rpn_post_nms_test`` of them, best first).
+    """
+    import tensorflow as tf
+
+    n_images = len(source) if num_images is None else min(num_images, len(source))
+    covered = {n: 0 for n in counts}
+    total = 0
+
+    @tf.function(reduce_retracing=True)
+    def propose(images):
+        features = model.features(images)
+        objectness, deltas = model.rpn(features)
+        return model.proposals(objectness, deltas, training=False)
+
+    for start in range(0, n_images, batch_size):
+        samples = [source[i] for i in range(start, min(start + batch_size, n_images))]
+        boxes, _, num = propose(tf.constant(np.stack([s["image"] for s in samples])))
+        boxes, num = boxes.numpy(), num.numpy()
+        for b, sample in enumerate(samples):
+            gt = np.asarray(sample["boxes"], np.float32).reshape(-1, 4)
+            total += len(gt)
+            if not len(gt) or not num[b]:
+                continue
+            ious = box_ops.iou(boxes[b, :num[b]], gt).numpy()  # [P, G], proposals best first
+            for n in counts:
+                covered[n] += int((ious[:n].max(axis=0) >= iou_threshold).sum())
+    return {n: covered[n] / max(total, 1) for n in counts}

@@ -95,3 +95,31 @@ def test_synthetic_ground_truth_matches_export_writer():
     assert len(coco["annotations"]) == sum(len(s["boxes"]) for s in samples)
     ann = coco["annotations"][0]
     np.testing.assert_array_equal(mask_utils.decode(ann["segmentation"]).astype(bool), samples[0]["masks"][0])
+
+
+class _FixedProposals:
+    """A stand-in model whose proposals are given boxes, best first."""
+
+    def __init__(self, boxes):
+        self.boxes = np.asarray(boxes, np.float32)
+
+    def features(self, images):
+        return images
+
+    def rpn(self, features):
+        return features, features
+
+    def proposals(self, objectness, deltas, training=False):
+        import tensorflow as tf
+
+        batch = tf.shape(objectness)[0]
+        boxes = tf.tile(tf.constant(self.boxes)[None], [batch, 1, 1])
+        return boxes, tf.zeros(tf.shape(boxes)[:2]), tf.fill([batch], len(self.boxes))
+
+
+def test_proposal_recall_counts_covered_boxes(samples):
+    # image 1 has boxes (2,3,30,20) and (30,30,60,50); image 2 has (10,10,40,40); image 3 none
+    proposals = [[30, 30, 60, 50], [0, 0, 5, 5], [10, 10, 40, 41], [2, 3, 30, 21]]
+    recall = evaluate.proposal_recall(_FixedProposals(proposals), samples, counts=(1, 3, 4))
+    # top 1 covers the second box of image 1 only; top 3 adds image 2's box; top 4 all three
+    assert recall == {1: pytest.approx(1 / 3), 3: pytest.approx(2 / 3), 4: pytest.approx(1.0)}

@@ -171,10 +171,7 @@ def generate_anchors(image_shape, strides=DEFAULT_STRIDES, scales=DEFAULT_SCALES
 
 def _batched_iou(anchors, boxes):
     """IoU of every anchor with every box of every image: ``[A, 4]``, ``[B, M, 4]`` -> ``[B, A, M]``."""
-    batch, num_boxes = tf.shape(boxes)[0], tf.shape(boxes)[1]
-    flat = iou(anchors, tf.reshape(boxes, [-1, 4]))  # [A, B*M]
-    per_image = tf.reshape(flat, [tf.shape(anchors)[0], batch, num_boxes])  # [A, B*M] -> [A, B, M]
-    return tf.transpose(per_image, [1, 0, 2])  # [A, B, M] -> [B, A, M]
+    return iou(anchors[None], boxes)  # [1, A, 4] broadcast against [B, M, 4]
 
 
 def _pad_empty_axis(boxes):

@@ -54,18 +54,20 @@ def area(boxes):
 
 
 def iou(boxes_a, boxes_b):
-    """Pairwise intersection over union: ``[N, 4]``, ``[M, 4]`` -> ``[N, M]``.
+    """Pairwise intersection over union: ``[..., N, 4]``, ``[..., M, 4]`` -> ``[..., N, M]``.
 
-    Boxes are (y1, x1, y2, x2).  A pair whose union is empty (two empty boxes) has IoU 0.
+    Boxes are (y1, x1, y2, x2).  Leading dimensions broadcast, so ``[N, 4], [M, 4]`` gives
+    ``[N, M]`` and a batch ``[B, N, 4], [B, M, 4]`` gives ``[B, N, M]``.  A pair whose union is
+    empty (two empty boxes) has IoU 0.
     """
     a = tf.convert_to_tensor(boxes_a, tf.float32)
     b = tf.convert_to_tensor(boxes_b, tf.float32)
-    # [N, 1, 4] against [1, M, 4] broadcasts to every pair.
-    top_left = tf.maximum(a[:, None, :2], b[None, :, :2])
-    bottom_right = tf.minimum(a[:, None, 2:], b[None, :, 2:])
+    # [..., N, 1, 4] against [..., 1, M, 4] broadcasts to every pair.
+    top_left = tf.maximum(a[..., :, None, :2], b[..., None, :, :2])
+    bottom_right = tf.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
     size = tf.maximum(bottom_right - top_left, 0.0)
     intersection = size[..., 0] * size[..., 1]
-    union = area(a)[:, None] + area(b)[None, :] - intersection
+    union = area(a)[..., :, None] + area(b)[..., None, :] - intersection
     return tf.math.divide_no_nan(intersection, union)
 
 
@@ -112,6 +114,15 @@ def decode(deltas, reference, weights=(1.0, 1.0, 1.0, 1.0), scale_clamp=DEFAULT_
     h = rh * tf.exp(tf.minimum(dh / wh, scale_clamp))
     w = rw * tf.exp(tf.minimum(dw / ww, scale_clamp))
     return tf.stack([cy - 0.5 * h, cx - 0.5 * w, cy + 0.5 * h, cx + 0.5 * w], axis=-1)
+
+
+def smooth_l1(x, beta=1.0):
+    """Smooth L1 (Fast R-CNN Eqn. 3), elementwise: ``0.5 x**2 / beta`` if ``|x| < beta``, else
+    ``|x| - beta / 2``; ``beta = 0`` is plain L1.  The box-regression loss of the RPN and the box head."""
+    x = tf.abs(tf.convert_to_tensor(x, tf.float32))
+    if beta <= 0.0:
+        return x  # also avoids 0 / 0 in the unused branch, whose gradient would be NaN
+    return tf.where(x < beta, 0.5 * x * x / beta, x - 0.5 * beta)
 
 
 def clip(boxes, height, width):

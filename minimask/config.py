@@ -53,6 +53,7 @@ class Config:
     rois_per_image: int = 128  # RoIs sampled per image for the box head in training
     roi_positive_fraction: float = 0.25
     roi_positive_iou: float = 0.5
+    mask_rois_per_image: int = 16  # positive RoIs per image that train the mask head (its cost)
     roi_canonical_size: float = 64.0  # s0 of FPN Eqn. 1: a RoI of this size pools from roi_canonical_level
     roi_canonical_level: int = 4  # k0 of FPN Eqn. 1
     box_pool_size: int = 7
@@ -68,7 +69,7 @@ class Config:
     # --- detection (inference) --------------------------------------------------
     score_threshold: float = 0.05
     detection_nms_iou: float = 0.5
-    max_detections: int = 100
+    max_detections: int = 25  # per image (scenes hold at most 6 digits; COCO uses 100)
 
     # --- training -----------------------------------------------------------------
     batch_size: int = 8  # global batch (split across replicas by tf.distribute)

@@ -27,6 +27,8 @@ The heads accept pooled features with any leading shape, e.g. ``[B*R, 7, 7, C]``
 import keras
 import tensorflow as tf
 
+from minimask.boxes import smooth_l1
+
 
 def _fc_init():
     """Detectron2's ``c2_xavier_fill`` for the fully connected layers: U(-sqrt(3/fan_in), +)."""
@@ -157,15 +159,6 @@ class MaskHead(keras.layers.Layer):
 # ---------------------------------------------------------------------------
 # Losses (pure functions)
 # ---------------------------------------------------------------------------
-
-
-def smooth_l1(x, beta=1.0):
-    """Fast R-CNN Eqn. 3 with a transition point ``beta``: ``0.5 x^2 / beta`` if ``|x| < beta``,
-    else ``|x| - 0.5 beta``; ``beta = 0`` is the plain L1 loss (Detectron2's default)."""
-    absolute = tf.abs(x)
-    if beta <= 0:
-        return absolute
-    return tf.where(absolute < beta, 0.5 * tf.square(x) / beta, absolute - 0.5 * beta)
 
 
 def _gt_class_rows(per_class, class_targets):

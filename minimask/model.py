@@ -207,9 +207,10 @@ class MaskRCNN(keras.Model):
             losses["class"], losses["box"] = heads_lib.box_head_losses(
                 class_logits, box_deltas, targets["class_targets"], targets["box_targets"],
                 targets["positive"], targets["roi_valid"])
-            # Only positive RoIs train the mask head; they are at most rois * fraction per image.
+            # Only positive RoIs train the mask head (Mask R-CNN Sec. 3.1: "L_mask is defined only
+            # on positive RoIs"); at most mask_rois_per_image of them per image.
             mask_rois, mask_targets, mask_classes, mask_positive = _take_positives(
-                targets, int(c.rois_per_image * c.roi_positive_fraction))
+                targets, min(c.mask_rois_per_image, int(c.rois_per_image * c.roi_positive_fraction)))
             mask_logits = self.mask_branch(features, mask_rois, training=training)
             losses["mask"] = heads_lib.mask_loss(mask_logits, mask_targets, mask_classes, mask_positive)
         for name in LOSS_NAMES:

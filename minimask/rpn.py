@@ -18,6 +18,7 @@ import keras
 import tensorflow as tf
 
 from minimask.anchors import NEUTRAL, OBJECT
+from minimask.boxes import smooth_l1
 
 # Faster R-CNN's RPN uses smooth L1 with sigma = 3, i.e. a quadratic zone |x| < beta = 1 / sigma**2.
 DEFAULT_SMOOTH_L1_BETA = 1.0 / 9.0
@@ -94,17 +95,6 @@ class RPNHead(keras.layers.Layer):
             num_anchors=self.num_anchors, channels=self.channels, init_stddev=self.init_stddev, seed=self.seed
         )
         return config
-
-
-def smooth_l1(x, beta=DEFAULT_SMOOTH_L1_BETA):
-    """Smooth L1 (Fast R-CNN Eqn. 3), elementwise: ``0.5 x**2 / beta`` if ``|x| < beta``, else ``|x| - beta / 2``.
-
-    ``beta = 0`` is plain L1 (Detectron2's RPN default).  Same shape in and out.
-    """
-    x = tf.abs(tf.convert_to_tensor(x, tf.float32))
-    if beta == 0.0:
-        return x  # also avoids 0 / 0 in the unused branch, whose gradient would be NaN
-    return tf.where(x < beta, 0.5 * x * x / beta, x - 0.5 * beta)
 
 
 def rpn_losses(objectness, deltas, labels, delta_targets, beta=DEFAULT_SMOOTH_L1_BETA):

@@ -68,8 +68,8 @@ def candidate_boxes(proposals, num_proposals, gt_boxes, num_gt):
 def match_to_gt(candidates, gt_boxes, gt_valid):
     """Best ground truth of each candidate: ``[B, N, 4]``, ``[B, M, 4]``, gt validity ``[B, M]``
     -> (index int32 ``[B, N]``, IoU ``[B, N]``).  Without any valid gt the IoU is 0 (index 0)."""
-    overlaps = tf.vectorized_map(lambda pair: iou(pair[0], pair[1]), (candidates, gt_boxes))
-    # [B, N, M]; padding gt columns get -1 so that they are never anyone's best match.
+    overlaps = iou(candidates, gt_boxes)  # [B, N, 4], [B, M, 4] -> [B, N, M]
+    # padding gt columns get -1 so that they are never anyone's best match.
     overlaps = tf.where(gt_valid[:, None, :], overlaps, -1.0)
     best_iou = tf.maximum(tf.reduce_max(overlaps, axis=2), 0.0)  # [B, N]
     best_gt = tf.argmax(overlaps, axis=2, output_type=tf.int32)  # [B, N]

@@ -267,7 +267,10 @@ def fit(model, batches, config, run_dir, *, steps=None, minutes=None, stage="joi
     # a fresh optimizer for every stage; a resumed run keeps the one saved in its checkpoint
     optimizer = model.optimizer if resume_state else make_optimizer(config, horizon)
     model.compile(optimizer=optimizer, jit_compile=False)
-    schedule = model.optimizer.learning_rate if isinstance(model.optimizer.learning_rate, WarmupCosine) else None
+    # Keras keeps the schedule object in ``_learning_rate`` (``learning_rate`` reads its current value)
+    schedule = getattr(model.optimizer, "_learning_rate", None)
+    if minutes is not None and not isinstance(schedule, WarmupCosine):
+        raise TrainingError("a time budget needs the WarmupCosine schedule of train.make_optimizer")
     model.nonfinite_step = None
     log = StepLog()
     state = {"stage": stage}

@@ -180,3 +180,16 @@ def test_boxes_from_masks_hand_cases():
 def test_boxes_from_masks_touching_the_border():
     masks = np.ones((1, 5, 7), bool)
     np.testing.assert_array_equal(B.boxes_from_masks(masks), [[0, 0, 5, 7]])
+
+
+def test_iou_broadcasts_over_a_batch():
+    rng = np.random.default_rng(7)
+    corners = rng.uniform(0, 50, size=(3, 5, 2, 2))
+    a = np.concatenate([corners.min(axis=2), corners.max(axis=2)], axis=-1).astype(np.float32)[:, :5]
+    b = a[:, ::-1][:, :4] + 3.0
+    batched = B.iou(a, b).numpy()  # [3, 5, 4]
+    assert batched.shape == (3, 5, 4)
+    for i in range(3):
+        np.testing.assert_allclose(batched[i], B.iou(a[i], b[i]).numpy(), rtol=1e-6)
+    # one set of anchors against a batch of boxes: [1, N, 4] with [B, M, 4] -> [B, N, M]
+    np.testing.assert_allclose(B.iou(a[0][None], b).numpy()[2], B.iou(a[0], b[2]).numpy(), rtol=1e-6)

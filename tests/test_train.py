@@ -129,10 +129,11 @@ def test_cli_bad_coco_file_is_one_line(tmp_path, capsys):
 
 def test_time_budget_fits_the_schedule_and_stops_on_it(tmp_path):
     config = tiny_config(warmup_steps=2, checkpoint_every=1000)
-    model, _ = train.run(config, str(tmp_path / "timed"), train_source=_source(config), minutes=0.4, verbose=0,
+    # one minute: the first step (graph tracing) takes tens of seconds on a loaded machine
+    model, _ = train.run(config, str(tmp_path / "timed"), train_source=_source(config), minutes=1.0, verbose=0,
                          evaluate=False)
     state = json.load(open(tmp_path / "timed" / "checkpoints" / "state.json"))
     # the horizon was measured after the warm-up, and training stopped exactly there
     assert state["total_steps"] is not None and state["total_steps"] > 30
     assert state["step"] == state["total_steps"] == int(model.optimizer.iterations.numpy())
-    assert state["elapsed"] < 0.4 * 60 * 1.3
+    assert state["elapsed"] < 60 * 1.2

@@ -70,6 +70,7 @@ class Config:
     score_threshold: float = 0.05
     detection_nms_iou: float = 0.5
     max_detections: int = 25  # per image (scenes hold at most 6 digits; COCO uses 100)
+    detection_pre_nms: int = 200  # best (RoI, class) candidates per image that enter the per-class NMS
 
     # --- training -----------------------------------------------------------------
     batch_size: int = 8  # global batch (split across replicas by tf.distribute)

@@ -141,7 +141,8 @@ class MaskRCNN(keras.Model):
         class_logits, box_deltas = self.box_branch(features, rois)
         detections = postprocess.detect(
             class_logits, box_deltas, rois, roi_valid, self.image_shape, box_weights=c.box_weights,
-            score_threshold=c.score_threshold, nms_iou=c.detection_nms_iou, max_detections=c.max_detections)
+            score_threshold=c.score_threshold, nms_iou=c.detection_nms_iou, max_detections=c.max_detections,
+            pre_nms_top_k=c.detection_pre_nms)
         mask_logits = self.mask_branch(features, detections["boxes"])
         probs = tf.sigmoid(tf.cast(mask_logits, tf.float32))
         detections["masks"] = postprocess.select_class_masks(probs, detections["class_ids"])

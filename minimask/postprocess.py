@@ -15,7 +15,7 @@ from minimask import boxes as box_ops
 
 
 def detect(class_logits, box_deltas, rois, roi_valid, image_shape, *, box_weights,
-           score_threshold=0.05, nms_iou=0.5, max_detections=100):
+           score_threshold=0.05, nms_iou=0.5, max_detections=100, pre_nms_top_k=None):
     """Final detections from the box head.
 
     Args:
@@ -23,6 +23,10 @@ def detect(class_logits, box_deltas, rois, roi_valid, image_shape, *, box_weight
         box_deltas: ``[B, R, K, 4]`` class-specific deltas (dy, dx, dh, dw) for classes 1..K.
         rois: ``[B, R, 4]`` the proposals the head saw.  roi_valid: bool ``[B, R]``.
         image_shape: ``(height, width)`` of the (padded) input.
+        pre_nms_top_k: NMS sees only the best this many (RoI, class) candidates per image
+            (default: all ``R * K``).  The static-shape form of dropping low scores early:
+            NMS costs grow with the square of its input, and low-scoring candidates of a
+            trained model are almost never among the final detections.
     Returns:
         dict with ``boxes [B, D, 4]``, ``scores [B, D]``, ``class_ids`` int32 ``[B, D]``,
         ``num_detections`` int32 ``[B]``; rows past ``num_detections`` are padding.
@@ -43,6 +47,10 @@ def detect(class_logits, box_deltas, rois, roi_valid, image_shape, *, box_weight
     boxes = tf.reshape(boxes, [batch, num_rois * num_classes, 4])
     class_ids = tf.reshape(class_ids, [batch, num_rois * num_classes])
     scores = tf.reshape(tf.where(keep, scores, -1.0), [batch, num_rois * num_classes])
+    if pre_nms_top_k is not None and pre_nms_top_k < num_rois * num_classes:
+        scores, best = tf.math.top_k(scores, k=pre_nms_top_k)  # [B, k], best first
+        boxes = tf.gather(boxes, best, batch_dims=1)
+        class_ids = tf.gather(class_ids, best, batch_dims=1)
     # Per-class NMS in one call (torchvision's batched_nms trick): shift each class's
     # boxes by class_id * (image extent) so boxes of different classes never overlap.
     extent = tf.cast(tf.maximum(height, width), tf.float32) + 1.0
@@ -50,7 +58,7 @@ def detect(class_logits, box_deltas, rois, roi_valid, image_shape, *, box_weight
     # non_max_suppression_padded treats scores below score_threshold as invalid.
     selected, num_valid = tf.image.non_max_suppression_padded(
         shifted, scores, max_output_size=max_detections, iou_threshold=nms_iou,
-        score_threshold=0.0, pad_to_max_output_size=True, sorted_input=False,
+        score_threshold=0.0, pad_to_max_output_size=True, sorted_input=pre_nms_top_k is not None,
     )  # [B, D], [B]
     valid = tf.range(max_detections)[None, :] < num_valid[:, None]
     out_boxes = tf.where(valid[..., None], tf.gather(boxes, selected, batch_dims=1), 0.0)

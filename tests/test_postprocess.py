@@ -15,7 +15,7 @@ def _iou(a, b):
     return inter / union if union > 0 else 0.0
 
 
-def _reference_detect(class_logits, deltas, rois, valid, shape, weights, threshold, nms_iou, top_k):
+def _reference_detect(class_logits, deltas, rois, valid, shape, weights, threshold, nms_iou, top_k, pre_nms=None):
     """A plain loop: every (RoI, class) candidate, greedy NMS per class, best top_k overall."""
     h, w = shape
     logits = class_logits - class_logits.max(-1, keepdims=True)
@@ -29,6 +29,8 @@ def _reference_detect(class_logits, deltas, rois, valid, shape, weights, thresho
             box = np.clip(box, 0, [h, w, h, w])
             if scores[r, k] >= threshold and (box[2] - box[0]) * (box[3] - box[1]) > 0:
                 candidates.append((scores[r, k], k, box))
+    if pre_nms is not None:  # only the best pre_nms candidates enter NMS
+        candidates = sorted(candidates, key=lambda c: -c[0])[:pre_nms]
     kept = []
     for k in sorted({c[1] for c in candidates}):
         group = sorted([c for c in candidates if c[1] == k], key=lambda c: -c[0])
@@ -41,8 +43,8 @@ def _reference_detect(class_logits, deltas, rois, valid, shape, weights, thresho
     return kept[:top_k]
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_detect_matches_reference(seed):
+@pytest.mark.parametrize("seed, pre_nms", [(0, None), (1, None), (2, None), (3, 7), (4, 15)])
+def test_detect_matches_reference(seed, pre_nms):
     rng = np.random.default_rng(seed)
     num_rois, num_classes, size = 12, 3, 64
     centres = rng.uniform(10, 54, size=(num_rois, 2))
@@ -53,8 +55,9 @@ def test_detect_matches_reference(seed):
     valid = np.arange(num_rois) < 10
     weights = (10.0, 10.0, 5.0, 5.0)
     out = postprocess.detect(logits[None], deltas[None], rois[None], valid[None], (size, size),
-                             box_weights=weights, score_threshold=0.1, nms_iou=0.5, max_detections=8)
-    expected = _reference_detect(logits, deltas, rois, valid, (size, size), weights, 0.1, 0.5, 8)
+                             box_weights=weights, score_threshold=0.1, nms_iou=0.5, max_detections=8,
+                             pre_nms_top_k=pre_nms)
+    expected = _reference_detect(logits, deltas, rois, valid, (size, size), weights, 0.1, 0.5, 8, pre_nms)
     n = int(out["num_detections"][0])
     assert n == len(expected)
     np.testing.assert_allclose(out["scores"][0, :n], [c[0] for c in expected], rtol=1e-5)

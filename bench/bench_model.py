@@ -10,8 +10,6 @@ full-resolution mask pasting of ``model.detect``.  Peak memory is the process's 
 resident set size (``resource.getrusage``), read after each phase.
 """
 import argparse
-import json
-import os
 import resource
 import time
 
@@ -31,9 +29,9 @@ def main(argv=None):
     parser.add_argument("--out", default="bench/results/model.json")
     args = parser.parse_args(argv)
 
-    import tensorflow as tf
     import keras
 
+    from bench.common import machine, write_results
     from minimask import config as config_lib
     from minimask import train as train_lib
     from minimask.model import MaskRCNN
@@ -80,14 +78,12 @@ def main(argv=None):
         model.detect(images[i:i + 8])
     results["detect_with_pasted_masks_images_per_s_batch8"] = round(64 / (time.perf_counter() - start), 2)
     results["peak_rss_mb"] = round(peak_rss_mb(), 0)
-    results["tensorflow"] = tf.__version__
 
     width = max(len(k) for k in results)
     for key, value in results.items():
         print(f"{key:<{width}}  {value}")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    results["machine"] = machine()
+    write_results(args.out, results)
     return results
 
 

@@ -22,14 +22,14 @@ load average is saved with the numbers: other processes inflate them.
 Run: ``python -m bench.bench_roi_align`` (writes ``bench/results/roi_align.json``).
 """
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 
 import numpy as np
 import tensorflow as tf
+
+from bench.common import machine, write_results
 
 from minimask.roi_align import assign_levels, multilevel_roi_align
 
@@ -171,13 +171,9 @@ def main():
                   "load_average_1min": os.getloadavg()[0]},
         "results": rows,
         "max_abs_difference": difference,
-        "machine": {"tensorflow": tf.__version__, "python": platform.python_version(),
-                    "cpu_count": os.cpu_count(), "processor": platform.processor()},
+        "machine": machine(),
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

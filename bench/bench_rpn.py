@@ -15,14 +15,14 @@ All NMS variants are checked to return the same indices.
 Run: ``python -m bench.bench_rpn`` (writes ``bench/results/rpn.json``).
 """
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 
 import numpy as np
 import tensorflow as tf
+
+from bench.common import machine, write_results
 
 from minimask import anchors as A
 from minimask import proposals as P
@@ -143,13 +143,9 @@ def main():
                   "num_proposals": NUM_PROPOSALS, "nms_threshold": NMS_THRESHOLD, "max_kept": MAX_KEPT,
                   "warmup": args.warmup, "repeats": args.repeats, "statistic": "median"},
         "results": rows,
-        "machine": {"tensorflow": tf.__version__, "python": platform.python_version(),
-                    "cpu_count": os.cpu_count(), "processor": platform.processor()},
+        "machine": machine(),
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ Presets:
 """
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)

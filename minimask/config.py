@@ -91,18 +91,25 @@ class Config:
         """A copy with some fields changed (the config itself is frozen)."""
         return dataclasses.replace(self, **changes)
 
+    def to_dict(self):
+        """Plain JSON-ready values (tuples become lists)."""
+        return json.loads(self.to_json())
+
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text):
-        raw = json.loads(text)
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - set(known))
+    def from_dict(cls, raw):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"config has unknown fields {unknown}: was it written by another version of minimask?")
         # JSON turns tuples into lists; turn them back so configs compare equal.
         return cls(**{k: _tuplify(v) for k, v in raw.items()})
+
+    @classmethod
+    def from_json(cls, text):
+        return cls.from_dict(json.loads(text))
 
     def save(self, path):
         with open(path, "w") as f:

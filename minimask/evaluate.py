@@ -102,7 +102,8 @@ def evaluate_coco(coco_gt, results, iou_types=("bbox", "segm"), verbose=True):
             print(f"--- {iou_type} ---")
             print(summary_text.getvalue().rstrip())
         stats = evaluator.stats
-        entry = {name: float(max(stats[i], 0.0)) for i, name in enumerate(SUMMARY_NAMES)}
+        # pycocotools reports -1 where an area range has no objects: None here, not a fake 0
+        entry = {name: float(stats[i]) if stats[i] >= 0 else None for i, name in enumerate(SUMMARY_NAMES)}
         precision = evaluator.eval["precision"][:, :, :, 0, 2]  # [T, R, K], area "all", maxDets 100
         cat_ids = evaluator.params.catIds
         per_class = {}
@@ -117,9 +118,10 @@ def evaluate_coco(coco_gt, results, iou_types=("bbox", "segm"), verbose=True):
 
 
 def summary(metrics):
-    """The JSON-ready part of :func:`evaluate_coco`'s output: ``{"bbox": {"AP": ..}, "segm": {..}}``."""
+    """The JSON-ready part of :func:`evaluate_coco`'s output: ``{"bbox": {"AP": ..}, "segm": {..}}``
+    (``None`` for an area range without objects)."""
     return {
-        iou_type: {name: round(values[name], 4) for name in SUMMARY_NAMES}
+        iou_type: {name: None if values[name] is None else round(values[name], 4) for name in SUMMARY_NAMES}
         for iou_type, values in metrics.items()
     }
 

@@ -65,7 +65,7 @@ class MaskRCNN(keras.Model):
         if config is None:
             config = Config()
         elif isinstance(config, dict):
-            config = Config.from_json(_json_dumps(config))
+            config = Config.from_dict(config)
         self.config = config
         c = config
         size = c.image_size
@@ -285,7 +285,7 @@ class MaskRCNN(keras.Model):
     # ------------------------------------------------------------------ keras plumbing
     def get_config(self):
         base = super().get_config()
-        base["config"] = _config_dict(self.config)
+        base["config"] = self.config.to_dict()
         return base
 
     @classmethod
@@ -318,15 +318,3 @@ def _take_positives(targets, count):
     the positives: rois ``[B, Q, 4]``, mask targets ``[B, Q, m, m]``, class targets ``[B, Q]``,
     and bool ``[B, Q]`` marking the slots that really hold a positive RoI."""
     return tuple(targets[key][:, :count] for key in ("rois", "mask_targets", "class_targets", "positive"))
-
-
-def _config_dict(config):
-    import dataclasses
-
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
-
-
-def _json_dumps(d):
-    import json
-
-    return json.dumps(d)

@@ -13,8 +13,9 @@ machine and its load; compare runs made on the same machine.
 """
 import os
 
-# Pin to one core before numpy / TensorFlow start their thread pools (threads inherit it).
-if hasattr(os, "sched_setaffinity"):
+# Pin to one core before numpy / TensorFlow start their thread pools (threads inherit it);
+# only when run as a script: the suite (python -m bench) imports this module and keeps both cores.
+if __name__ == "__main__" and hasattr(os, "sched_setaffinity"):
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 import argparse  # noqa: E402

@@ -22,14 +22,13 @@ load average is saved with the numbers: other processes inflate them.
 Run: ``python -m bench.bench_roi_align`` (writes ``bench/results/roi_align.json``).
 """
 import argparse
+import functools
 import os
-import statistics
-import time
 
 import numpy as np
 import tensorflow as tf
 
-from bench.common import machine, write_results
+from bench.common import machine, time_interleaved, write_results
 
 from minimask.roi_align import assign_levels, multilevel_roi_align
 
@@ -97,35 +96,8 @@ def with_gradient(pool):
     return run
 
 
-def time_interleaved(fns, args, warmup, repeats):
-    """Milliseconds per call of each function: (median, min) over ``repeats`` rounds.
-
-    Each round calls every function once, so a burst of load from other processes hits all
-    of them alike instead of skewing one.
-    """
-    def call(fn):
-        tf.nest.map_structure(lambda t: t.numpy(), fn(*args))
-
-    for fn in fns.values():
-        for _ in range(warmup):
-            call(fn)
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            call(fn)
-            times[name].append((time.perf_counter() - start) * 1000.0)
-    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                      "roi_align.json"))
-    args = parser.parse_args()
-
+def compare(warmup=3, repeats=20):
+    """Time the three methods (forward, forward + gradient) -> (rows, max |difference|, RoIs per level)."""
     features, boxes = make_inputs()
     ours, theirs = tf.function(minimask_pool), tf.function(crop_and_resize_pool)
     canvas = tf.function(minimask_canvas_pool)
@@ -137,21 +109,32 @@ def main():
     methods = {"minimask gather": minimask_pool,
                "minimask crop_and_resize canvas": minimask_canvas_pool,
                "crop_and_resize per level": crop_and_resize_pool}
-    fns = {}
+    calls = {}
     for name, pool in methods.items():
-        fns[(name, "forward")] = tf.function(pool)
-        fns[(name, "gradient")] = tf.function(with_gradient(pool))
-    timed = time_interleaved(fns, (features, boxes), args.warmup, args.repeats)
+        for kind, fn in (("forward", tf.function(pool)), ("gradient", tf.function(with_gradient(pool)))):
+            calls[(name, kind)] = functools.partial(fn, features, boxes)
+    timed = time_interleaved(calls, warmup, repeats)
     rows = [{"method": name,
-             "forward_ms": round(timed[(name, "forward")][0], 2),
-             "forward_and_gradient_ms": round(timed[(name, "gradient")][0], 2),
-             "forward_min_ms": round(timed[(name, "forward")][1], 2),
-             "forward_and_gradient_min_ms": round(timed[(name, "gradient")][1], 2)}
+             "forward_ms": round(timed[(name, "forward")]["median_ms"], 2),
+             "forward_and_gradient_ms": round(timed[(name, "gradient")]["median_ms"], 2),
+             "forward_min_ms": round(timed[(name, "forward")]["min_ms"], 2),
+             "forward_and_gradient_min_ms": round(timed[(name, "gradient")]["min_ms"], 2)}
             for name in methods]
+    per_level = np.bincount(levels.ravel() - LEVELS[0], minlength=len(LEVELS)).tolist()
+    return rows, difference, per_level
 
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                      "roi_align.json"))
+    args = parser.parse_args()
+
+    rows, difference, per_level = compare(args.warmup, args.repeats)
     print(f"RoIAlign: {NUM_ROIS} RoIs, batch {BATCH}, {IMAGE}x{IMAGE}, P2-P5 x {CHANNELS} ch, "
-          f"{OUTPUT}x{OUTPUT} out, {SAMPLING}x{SAMPLING} samples; RoIs per level "
-          f"{np.bincount(levels.ravel() - LEVELS[0], minlength=len(LEVELS)).tolist()}; "
+          f"{OUTPUT}x{OUTPUT} out, {SAMPLING}x{SAMPLING} samples; RoIs per level {per_level}; "
           f"median of {args.repeats}")
     print(f"{'method':32s} {'forward ms':>11s} {'fwd+grad ms':>12s}   (min: fwd, fwd+grad)")
     for row in rows:
@@ -163,9 +146,7 @@ def main():
     result = {
         "setup": {"batch": BATCH, "image": IMAGE, "channels": CHANNELS, "num_rois": NUM_ROIS,
                   "output": OUTPUT, "sampling_ratio": SAMPLING, "levels": list(LEVELS),
-                  "canonical_size": CANONICAL_SIZE,
-                  "rois_per_level": np.bincount(levels.ravel() - LEVELS[0],
-                                                minlength=len(LEVELS)).tolist(),
+                  "canonical_size": CANONICAL_SIZE, "rois_per_level": per_level,
                   "warmup": args.warmup, "repeats": args.repeats,
                   "statistic": "median (and min) of interleaved rounds",
                   "load_average_1min": os.getloadavg()[0]},

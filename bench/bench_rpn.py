@@ -9,20 +9,20 @@ Setup:
                ``minimask.proposals.nms`` (graph mode and XLA-compiled), ``tf.image.non_max_suppression``,
                ``tf.image.non_max_suppression_padded``, and the padded batched ``nms_padded`` with
                either back-end (what ``propose`` runs) on a batch of 2.
-Each in ``tf.function``; the median of ``--repeats`` timed calls after ``--warmup`` untimed ones.
+Each in ``tf.function``; the median of ``--repeats`` timed calls after ``--warmup`` untimed ones
+(the NMS variants in interleaved rounds, see :mod:`bench.common`).
 All NMS variants are checked to return the same indices.
 
 Run: ``python -m bench.bench_rpn`` (writes ``bench/results/rpn.json``).
 """
 import argparse
+import functools
 import os
-import statistics
-import time
 
 import numpy as np
 import tensorflow as tf
 
-from bench.common import machine, write_results
+from bench.common import machine, time_interleaved, time_one, write_results
 
 from minimask import anchors as A
 from minimask import proposals as P
@@ -32,37 +32,26 @@ NUM_GT = 20
 NUM_PROPOSALS, NMS_THRESHOLD, MAX_KEPT = 6000, 0.7, 1000
 
 
-def make_gt(batch, seed=0):
-    """``[B, 20, 4]`` boxes of 16..256 px (log-uniform) inside the image, all valid."""
+def make_gt(batch, seed=0, count=NUM_GT, image=IMAGE, sizes=(16, 256)):
+    """``[B, count, 4]`` boxes of ``sizes`` px (log-uniform) inside the image, all valid."""
     rng = np.random.default_rng(seed)
-    size = np.exp(rng.uniform(np.log(16), np.log(256), (batch, NUM_GT, 2)))
-    corner = rng.uniform(0, 1, size.shape) * (np.array(IMAGE) - size)
+    size = np.exp(rng.uniform(np.log(sizes[0]), np.log(sizes[1]), (batch, count, 2)))
+    corner = rng.uniform(0, 1, size.shape) * (np.array(image) - size)
     boxes = np.concatenate([corner, corner + size], axis=-1)
-    return tf.constant(boxes, tf.float32), tf.fill([batch], NUM_GT)
+    return tf.constant(boxes, tf.float32), tf.fill([batch], count)
 
 
-def make_proposals(batch, seed=0):
-    """``[B, 6000, 4]`` boxes around 30 objects and ``[B, 6000]`` distinct random scores."""
+def make_proposals(batch, seed=0, count=NUM_PROPOSALS):
+    """``[B, count, 4]`` boxes around 30 objects and ``[B, count]`` distinct random scores."""
     rng = np.random.default_rng(seed)
     centres = rng.uniform(0, 800, (batch, 30, 2))
-    which = rng.integers(0, 30, (batch, NUM_PROPOSALS))
+    which = rng.integers(0, 30, (batch, count))
     centre = np.take_along_axis(centres, which[..., None], axis=1)
-    centre = centre + rng.normal(0, 20, (batch, NUM_PROPOSALS, 2))
-    size = rng.uniform(20, 200, (batch, NUM_PROPOSALS, 2))
+    centre = centre + rng.normal(0, 20, (batch, count, 2))
+    size = rng.uniform(20, 200, (batch, count, 2))
     boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=-1)
-    scores = np.stack([rng.permutation(NUM_PROPOSALS) for _ in range(batch)]) / NUM_PROPOSALS
+    scores = np.stack([rng.permutation(count) for _ in range(batch)]) / count
     return tf.constant(boxes, tf.float32), tf.constant(scores, tf.float32)
-
-
-def time_it(fn, args, warmup, repeats):
-    for _ in range(warmup):
-        tf.nest.map_structure(lambda t: t.numpy(), fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        tf.nest.map_structure(lambda t: t.numpy(), fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000.0
 
 
 def labelling_rows(anchors, warmup, repeats):
@@ -78,9 +67,9 @@ def labelling_rows(anchors, warmup, repeats):
     for batch in (1, 8):
         args = make_gt(batch)
         rows.append({"task": "label_anchors", "batch": batch,
-                     "median_ms": round(time_it(label, args, warmup, repeats), 2)})
+                     "median_ms": round(time_one(lambda: label(*args), warmup, repeats), 2)})
         rows.append({"task": "label + sample + rpn_targets", "batch": batch,
-                     "median_ms": round(time_it(full_targets, args, warmup, repeats), 2)})
+                     "median_ms": round(time_one(lambda: full_targets(*args), warmup, repeats), 2)})
     return rows
 
 
@@ -100,13 +89,12 @@ def nms_rows(warmup, repeats):
         "tf.image.non_max_suppression_padded": tf.function(padded_builtin),
     }
     reference = single["tf.image.non_max_suppression"](one_boxes, one_scores).numpy()
-    rows = []
+    calls = {}
     for name, fn in single.items():
         out = fn(one_boxes, one_scores)
         kept = out[0].numpy()[: int(out[1])] if isinstance(out, tuple) else out.numpy()
         assert np.array_equal(kept, reference), f"{name} disagrees with tf.image.non_max_suppression"
-        rows.append({"task": f"NMS {name}", "batch": 1,
-                     "median_ms": round(time_it(fn, (one_boxes, one_scores), warmup, repeats), 2)})
+        calls[(f"NMS {name}", 1)] = functools.partial(fn, one_boxes, one_scores)
 
     boxes, scores = make_proposals(batch=2, seed=1)
     results = {}
@@ -116,10 +104,11 @@ def nms_rows(warmup, repeats):
         )
         results[use_builtin] = fn(boxes, scores).indices.numpy()
         back_end = "tf.image.non_max_suppression" if use_builtin else "minimask greedy loop"
-        rows.append({"task": f"NMS nms_padded ({back_end})", "batch": 2,
-                     "median_ms": round(time_it(fn, (boxes, scores), warmup, repeats), 2)})
+        calls[(f"NMS nms_padded ({back_end})", 2)] = functools.partial(fn, boxes, scores)
     assert np.array_equal(results[True], results[False]), "nms_padded back-ends disagree"
-    return rows
+    timed = time_interleaved(calls, warmup, repeats)  # interleaved: load bursts hit all alike
+    return [{"task": task, "batch": batch, "median_ms": round(timed[(task, batch)]["median_ms"], 2)}
+            for task, batch in calls]
 
 
 def main():

@@ -248,8 +248,10 @@ def build_backbone(name, input_shape=(None, None, 3), *, weights=None, freeze_st
     name: a key of ``PRESETS`` ("resnet18", "resnet34", "resnet50", "resnet101",
         "resnext50_32x4d", "resnext101_32x8d", "mini_resnet", "micro_resnet").
     weights: None (random), "imagenet" (resnet50/resnet101 only, copied from
-        keras.applications; feed them ``preprocess_images(..., mode="caffe")``), or the
-        path of a ``.weights.h5`` file saved from a minimask backbone of the same preset.
+        keras.applications; feed them ``preprocess_images(..., mode="caffe")``), "digits"
+        (mini_resnet only: the digit-classification pre-training shipped with the library,
+        :data:`DIGITS_WEIGHTS`), or the path of a ``.weights.h5`` file saved from a
+        minimask backbone of the same preset.
     freeze_stages: 0 trains everything; k >= 1 freezes the stem and stages 2..k.
     freeze_batchnorm: True puts every BatchNorm layer in inference mode and keeps its
         statistics fixed (sensible with the small batches of detection).
@@ -272,6 +274,10 @@ def build_backbone(name, input_shape=(None, None, 3), *, weights=None, freeze_st
 
     if weights == "imagenet":
         load_imagenet_weights(model, name)
+    elif weights == "digits":
+        if name != "mini_resnet":
+            raise ValueError(f'weights="digits" exist for mini_resnet only, not {name!r}')
+        _load_weights_file(model, DIGITS_WEIGHTS)
     elif weights is not None:
         _load_weights_file(model, weights)
     freeze(model, freeze_stages=freeze_stages, freeze_batchnorm=freeze_batchnorm, name_prefix=name_prefix)
@@ -327,12 +333,18 @@ def freeze(model, *, freeze_stages=0, freeze_batchnorm=False, name_prefix=""):
 # Weights
 # ----------------------------------------------------------------------------------------
 
+# The mini_resnet backbone pre-trained to classify single digits (98.6% on held-out digits),
+# shipped with the library; made by ``python -m minimask.pretrain`` (the call lesson 02 makes).
+DIGITS_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "mini_resnet_digits.weights.h5")
+
+
 def _load_weights_file(model, path):
     path = os.fspath(path)
     if not path.endswith(".weights.h5"):
-        raise ValueError(f"weights must be None, 'imagenet' or a path ending in .weights.h5, got {path!r}")
+        raise ValueError(f"weights must be None, 'imagenet', 'digits' or a path ending in .weights.h5, got {path!r}")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"backbone weights file not found: {path}")
+        hint = " (make it with: python -m minimask.pretrain)" if path == DIGITS_WEIGHTS else ""
+        raise FileNotFoundError(f"backbone weights file not found: {path}{hint}")
     model.load_weights(path)
 
 

@@ -1,11 +1,16 @@
 """The command line: ``python -m minimask train | evaluate | predict | export``.
 
     python -m minimask train [--data synthetic | --train-json J --train-images D]
-                             [--val-json J --val-images D] [--config mnist]
+                             [--val-json J --val-images D] [--config mnist | coco_r50_fpn | ...]
                              [--epochs E | --minutes M | --steps N] [--seed S] [--out RUN_DIR] [--resume]
+                             [--batch-size B] [--image-size S] [--mixed-precision P] [--backbone-weights W]
     python -m minimask evaluate --run RUN_DIR [--json J --images D]
     python -m minimask predict --run RUN_DIR IMAGE_OR_DIR... --out DIR [--score-threshold T]
     python -m minimask export --run RUN_DIR --out DIR
+    python -m minimask fetch-weights --backbone resnet50 --out FILE.weights.h5   (needs internet)
+
+``train`` runs on every GPU it sees (``tf.distribute.MirroredStrategy``), and across machines when
+``TF_CONFIG`` is set (``MultiWorkerMirroredStrategy``): see :func:`minimask.train.make_strategy`.
 
 Errors in what the user gave (a missing run directory, a bad COCO file, a config that
 does not match) are printed as one line, not a traceback, and the exit status is 2.
@@ -45,6 +50,11 @@ def _parser():
                        help="joint training (default) or the 4-step alternating schedule")
     train.add_argument("--batch-size", type=int, help="global batch size (default: the config's)")
     train.add_argument("--backbone-weights", help="'imagenet' or a .weights.h5 file for the backbone")
+    train.add_argument("--image-size", type=int,
+                       help="square input size, a multiple of 32 (default: the config's; e.g. 128 to try "
+                            "the COCO recipe on a CPU)")
+    train.add_argument("--mixed-precision", choices=["mixed_float16", "mixed_bfloat16"],
+                       help="mixed precision: float16 with loss scaling (GPUs), or bfloat16 (TPUs, A100/H100, recent CPUs)")
 
     ev = sub.add_parser("evaluate", help="COCO AP of a trained run")
     ev.add_argument("--run", required=True, help="run directory")
@@ -62,6 +72,11 @@ def _parser():
     ex = sub.add_parser("export", help="export a SavedModel that plain TensorFlow can serve")
     ex.add_argument("--run", required=True, help="run directory")
     ex.add_argument("--out", required=True, help="output folder of the SavedModel")
+
+    fw = sub.add_parser("fetch-weights", help="save keras.applications' ImageNet weights of a backbone "
+                                              "to a file, for --backbone-weights (needs internet)")
+    fw.add_argument("--backbone", default="resnet50", help="resnet50 (default) or resnet101")
+    fw.add_argument("--out", required=True, help="the file to write, ending in .weights.h5")
     return parser
 
 
@@ -83,6 +98,12 @@ def cmd_train(args):
         overrides["batch_size"] = args.batch_size
     if args.backbone_weights:
         overrides["backbone_weights"] = args.backbone_weights
+    if args.image_size is not None:
+        if args.image_size <= 0 or args.image_size % 32:
+            raise UsageError(f"--image-size must be a positive multiple of 32, got {args.image_size}")
+        overrides["image_size"] = args.image_size
+    if args.mixed_precision:
+        overrides["mixed_precision"] = args.mixed_precision
     try:
         config = config_lib.get_config(args.config, **overrides)
     except ValueError as err:
@@ -107,7 +128,7 @@ def cmd_train(args):
         steps = args.epochs * per_epoch
     _, summary = train_lib.run(config, args.out, train_source=train_source, val_source=val_source,
                                val_coco=val_coco, steps=steps, minutes=args.minutes,
-                               schedule=args.schedule, resume=args.resume)
+                               schedule=args.schedule, resume=args.resume, strategy=train_lib.make_strategy())
     print(json.dumps({"run": args.out, "metrics": summary}, indent=2))
 
 
@@ -138,7 +159,7 @@ def cmd_evaluate(args):
             coco_gt = COCO(args.json)
     else:
         source = train_lib.synthetic_source(config, "test", args.num_scenes, config.seed + 2)
-    metrics, results = evaluate_lib.evaluate_model(model, source, coco_gt=coco_gt, verbose=True)
+    metrics, results = train_lib.evaluate_source(model, source, coco_gt=coco_gt, verbose=True)
     out = args.out or args.run
     os.makedirs(out, exist_ok=True)
     summary = evaluate_lib.summary(metrics)
@@ -168,11 +189,25 @@ def cmd_export(args):
     print(f"SavedModel written to {args.out}")
 
 
+def cmd_fetch_weights(args):
+    from minimask import backbone as backbone_lib
+
+    if not args.out.endswith(".weights.h5"):
+        raise UsageError(f"--out must end in .weights.h5, got {args.out!r}")
+    try:
+        backbone = backbone_lib.build_backbone(args.backbone, weights="imagenet")
+    except (ValueError, RuntimeError) as err:
+        raise UsageError(str(err)) from err
+    backbone.save_weights(args.out)
+    print(f"ImageNet weights of {args.backbone} written to {args.out}; train with --backbone-weights {args.out}")
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     from minimask.train import TrainingError
 
-    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export}
+    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export,
+                "fetch-weights": cmd_fetch_weights}
     try:
         commands[args.command](args)
     except (UsageError, TrainingError, CocoFormatError, FileNotFoundError) as err:

@@ -604,7 +604,7 @@ def _check_uniform_sizes(source):
 
 def make_dataset(source, batch_size, max_instances, *, shuffle=True, seed=0, repeat=True,
                  drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE, max_ignore=8,
-                 deterministic=True, truncate=False, transform=None):
+                 deterministic=True, truncate=False, transform=None, horizontal_flip=False):
     """tf.data pipeline: any ``source`` (``len``, ``source[i] -> sample``) -> padded batch dicts.
 
     Each element is a dict ``{"image": uint8 [B, H, W, 3], "boxes": float32 [B, M, 4]
@@ -626,8 +626,13 @@ def make_dataset(source, batch_size, max_instances, *, shuffle=True, seed=0, rep
     ValueError, up front if the source has ``image_sizes`` (as :class:`CocoDataset`
     does) and no transform, else when that sample is loaded (TensorFlow then re-raises
     it as ``tf.errors.InvalidArgumentError`` with the same message).  ``transform`` is
-    a callable sample -> sample applied to each sample before padding (resizing,
-    flipping); ``truncate`` is passed on to :func:`pad_sample`.
+    a callable sample -> sample applied to each sample before padding (resizing);
+    ``truncate`` is passed on to :func:`pad_sample`.
+
+    ``horizontal_flip=True`` mirrors each padded sample with probability 1/2
+    (:func:`random_flip_left_right`), the coin of the ``i``-th sample of the (repeated)
+    stream drawn from the stateless seed ``(seed, i)``: every epoch flips differently, and the
+    same seed gives the same flips (also after ``dataset.skip(n)``, as a resumed run does).
     """
     if len(source) == 0:
         raise ValueError("make_dataset needs a source with at least one sample")
@@ -670,8 +675,44 @@ def make_dataset(source, batch_size, max_instances, *, shuffle=True, seed=0, rep
         dataset = dataset.repeat()
     dataset = dataset.map(load_tf, num_parallel_calls=num_parallel_calls,
                           deterministic=deterministic)
+    if horizontal_flip:
+        def flip(position, sample):
+            return random_flip_left_right(sample, tf.stack([tf.cast(seed, tf.int64), position]))
+
+        dataset = dataset.enumerate().map(flip, num_parallel_calls=num_parallel_calls,
+                                          deterministic=deterministic)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+# ---------------------------------------------------------------------------
+# Augmentation: the horizontal flip of Mask R-CNN's training (He et al. 2017, Sec. 3.1)
+# ---------------------------------------------------------------------------
+
+
+def flip_left_right(sample):
+    """A padded sample of TF tensors mirrored left-right: dict -> dict with the same keys and shapes.
+
+    ``image [H, W, 3]`` and ``masks [M, H, W]`` are reversed along W; boxes and ignore boxes
+    (y1, x1, y2, x2) become (y1, W - x2, y2, W - x1): pixel ``i``, which covers [i, i + 1),
+    goes to ``W - 1 - i``, which covers [W - 1 - i, W - i).  Class ids, counts and any other
+    key are unchanged (padding rows are flipped too, and stay meaningless).
+    """
+    width = tf.cast(tf.shape(sample["image"])[1], tf.float32)
+    out = dict(sample)
+    out["image"] = tf.reverse(sample["image"], axis=[1])  # [H, W, 3]
+    out["masks"] = tf.reverse(sample["masks"], axis=[2])  # [M, H, W]
+    for key in ("boxes", "ignore_boxes"):
+        if key in sample:
+            y1, x1, y2, x2 = tf.unstack(tf.cast(sample[key], tf.float32), axis=-1)  # [N] each
+            out[key] = tf.stack([y1, width - x2, y2, width - x1], axis=-1)  # [N, 4]
+    return out
+
+
+def random_flip_left_right(sample, seed):
+    """:func:`flip_left_right` of ``sample`` with probability 1/2; ``seed``: int ``[2]`` of the stateless coin."""
+    heads = tf.random.stateless_uniform([], seed=seed) < 0.5
+    return tf.cond(heads, lambda: flip_left_right(sample), lambda: dict(sample))
 
 
 # ---------------------------------------------------------------------------
@@ -712,7 +753,7 @@ def letterbox(sample, size):
         rows = np.minimum(((np.arange(new_h) + 0.5) / scale).astype(np.int64), masks.shape[1] - 1)
         cols = np.minimum(((np.arange(new_w) + 0.5) / scale).astype(np.int64), masks.shape[2] - 1)
         resized[:, :new_h, :new_w] = masks[:, rows][:, :, cols]
-    keep = resized.reshape(len(resized), -1).any(axis=1)
+    keep = resized.reshape(len(resized), size * size).any(axis=1)  # (an image may have no instance)
     out = dict(sample)
     out.update(image=image, masks=resized[keep], boxes=boxes_from_masks(resized[keep]),
                class_ids=np.asarray(sample["class_ids"], np.int32)[keep], scale=np.float32(scale))

@@ -150,3 +150,25 @@ def pretrain_backbone(backbone_name="mini_resnet", *, epochs=8, steps_per_epoch=
     return PretrainResult(history=history.history, backbone=backbone, classifier=classifier,
                           test_accuracy=float(test_accuracy), seconds=seconds,
                           weights_path=None if out_path is None else os.fspath(out_path))
+
+
+def main(argv=None):
+    """``python -m minimask.pretrain [--out PATH]``: make the library's digit-pre-trained backbone."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m minimask.pretrain",
+                                     description="pre-train mini_resnet to classify digit crops; save its weights")
+    parser.add_argument("--out", default=backbone_lib.DIGITS_WEIGHTS,
+                        help="where to write the .weights.h5 file (default: the copy the library ships, "
+                             "which weights='digits' loads)")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    result = pretrain_backbone(epochs=args.epochs, seed=args.seed, out_path=args.out, verbose=2)
+    print(f"test accuracy {result.test_accuracy:.2%} after {result.seconds:.0f} s of training; "
+          f"backbone weights written to {result.weights_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -75,6 +75,9 @@ Two implementations, equal to float rounding (tested), chosen with ``implementat
     weighted output gradient).  It materialises ``4 s^2`` feature rows per output bin,
     which makes it memory-bound: on 1,000 RoIs of an FPN (``bench/bench_roi_align.py``,
     2 CPU cores) it takes ~2x the time of ``"crop_and_resize"`` forward, ~5x with the gradient.
+    On a single map (:func:`roi_align`) the same interpolation runs one axis after the other
+    (:func:`_separable_pool`: whole map rows are gathered, then the RoI's columns of them),
+    ~3x faster on the single-channel masks that the mask targets are cut from.
 ``"crop_and_resize"`` (for training speed)
     the edge-padding relation above: ``tf.image.crop_and_resize``, a fused C++ kernel with
     a fused gradient, samples the ``s x s`` finer grid, samples farther than one cell off
@@ -255,6 +258,47 @@ def _bilinear_pool(table, first_row, height, width, top, left, roi_h, roi_w, out
     return tf.reshape(pooled, [-1, oh, ow, channels])  # [R*oh*ow, 1, C] -> [R, oh, ow, C]
 
 
+def _separable_pool(features, box_indices, top, left, roi_h, roi_w, output_size, sampling_ratio):
+    """The RoIAlign kernel on one feature map, one axis after the other.
+
+    features ``[B, H, W, C]``, box_indices int32 ``[R]``, ``top, left, roi_h, roi_w [R]`` the RoIs
+    in the map's cell-centre frame -> ``[R, oh, ow, C]``.
+
+    A bilinear weight is (row weight) x (column weight), and so is a bin's average of samples,
+    so the interpolation separates: first along y, each output row is a weighted sum of ``2 s``
+    whole map rows (the two taps of its ``s`` samples); then along x, each output value a
+    weighted sum of ``2 s`` cells of that row.  The same numbers as :func:`_bilinear_pool` up to
+    float rounding, with a few large gathers (whole rows ``[W, C]``) instead of one small gather
+    per tap: on the single-channel masks that :mod:`minimask.targets` cuts its mask targets from
+    it is ~3x faster.  It reads ``2 s W`` cells per output row where :func:`_bilinear_pool`
+    reads ``4 s^2`` per output value, so it suits one map of moderate width (the FPN levels,
+    whose widths differ, use :func:`_bilinear_pool`).
+    """
+    oh, ow = output_size
+    s = sampling_ratio
+    shape = tf.shape(features)
+    ys = _sample_positions(top, roi_h, oh, s)  # [R, oh*s]
+    xs = _sample_positions(left, roi_w, ow, s)  # [R, ow*s]
+    y_low, y_high, wy_low, wy_high = _linear_taps(ys, tf.cast(shape[1], tf.float32))
+    x_low, x_high, wx_low, wx_high = _linear_taps(xs, tf.cast(shape[2], tf.float32))
+    # The 2s taps of each output row, and their weights / s (the average over the s samples):
+    # [R, oh*s] x2 -> [R, oh*s, 2] -> [R, oh, 2*s]   (the same for the columns with ow)
+    rows = tf.reshape(tf.stack([y_low, y_high], axis=-1), [-1, oh, 2 * s])
+    row_w = tf.reshape(tf.stack([wy_low, wy_high], axis=-1), [-1, oh, 2 * s]) / s
+    cols = tf.reshape(tf.stack([x_low, x_high], axis=-1), [-1, ow, 2 * s])
+    col_w = tf.reshape(tf.stack([wx_low, wx_high], axis=-1), [-1, ow, 2 * s]) / s
+
+    # Along y: [B, H, W, C] -> map rows [B*H, W, C]; gather [R, oh, 2s] of them -> [R, oh, 2s, W, C];
+    # weighted sum over the taps -> [R, oh, W, C]
+    map_rows = tf.reshape(features, tf.concat([[-1], shape[2:]], axis=0))
+    lines = tf.gather(map_rows, box_indices[:, None, None] * shape[1] + rows)
+    along_y = tf.reduce_sum(tf.cast(row_w, features.dtype)[..., None, None] * lines, axis=2)
+    # Along x: the RoI's columns of those rows, [R, oh, W, C] at [R, ow, 2s] -> [R, oh, ow, 2s, C];
+    # weighted sum over the taps -> [R, oh, ow, C]
+    taps = tf.gather(along_y, cols, axis=2, batch_dims=1)
+    return tf.reduce_sum(tf.cast(col_w, features.dtype)[:, None, :, :, None] * taps, axis=3)
+
+
 def _edge_padded_canvas(maps):
     """Maps ``[B, Hl, Wl, C]`` -> (canvas ``[B, sum_l (Hl + 2), max_l Wl + 2, C]``, int32 ``[L]``
     canvas row of each map's cell (0, 0)).
@@ -324,24 +368,20 @@ def roi_align(features, boxes, box_indices, output_size, spatial_scale, sampling
     features = _check_features(features)
     boxes, box_indices = _check_boxes(boxes, box_indices)
 
-    shape = tf.shape(features)
-    num_rois = tf.shape(boxes)[0]
-    height = tf.fill([num_rois], tf.cast(shape[1], tf.float32))  # [R]: the map of every RoI
-    width = tf.fill([num_rois], tf.cast(shape[2], tf.float32))
     top, left, roi_h, roi_w = _roi_in_cells(boxes, spatial_scale, aligned)
 
     if implementation == "crop_and_resize":
+        shape = tf.shape(features)
+        num_rois = tf.shape(boxes)[0]
+        height = tf.fill([num_rois], tf.cast(shape[1], tf.float32))  # [R]: the map of every RoI
+        width = tf.fill([num_rois], tf.cast(shape[2], tf.float32))
         canvas, canvas_top = _edge_padded_canvas([features])
         pooled = _crop_and_resize_pool(
             canvas, box_indices, tf.fill([num_rois], tf.cast(canvas_top[0], tf.float32)),
             height, width, top, left, roi_h, roi_w, output_size, sampling_ratio)
         return tf.cast(pooled, features.dtype)
 
-    channels = features.shape[-1] if features.shape[-1] is not None else shape[3]
-    table = tf.reshape(features, [-1, channels])  # [B, H, W, C] -> [B*H*W, C]
-    first_row = box_indices * shape[1] * shape[2]  # row of cell (0, 0) of each RoI's image
-    return _bilinear_pool(table, first_row, height, width, top, left, roi_h, roi_w, output_size,
-                          sampling_ratio)
+    return _separable_pool(features, box_indices, top, left, roi_h, roi_w, output_size, sampling_ratio)
 
 
 def _round_half_away_from_zero(x):

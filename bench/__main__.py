@@ -43,24 +43,18 @@ SETTINGS = {
 
 
 class Suite:
-    """Runs the sections, sharing one model, one batch and the measured rates between them."""
+    """Runs the sections on one :class:`minimask.config.Config`, sharing one model, one batch,
+    the model's full graphs and the measured images/s between them.  Sections that start
+    processes of their own (end_to_end, scaling) need a preset: they pass ``config.name``."""
 
-    def __init__(self, config_name, settings, weights, out_dir, variants=None):
-        self.config_name = config_name
-        self.variant_specs = variants  # --variant values
+    def __init__(self, config, settings, weights=None, out_dir=RESULTS, variants=None):
+        self.config = config
         self.s = settings
         self.weights = weights
         self.out_dir = out_dir
-        # images/s measured by an earlier section (end_to_end, else stages), for limits and builtins
-        self.rates = {}
-        self._model = self._batch = None
-
-    # lazily built: --only end_to_end never imports TensorFlow in this process
-    @property
-    def config(self):
-        from minimask import config as config_lib
-
-        return config_lib.get_config(self.config_name)
+        self.variant_specs = variants  # --variant values
+        self.train_images_per_s = None  # from end_to_end (else stages), for builtins
+        self._model = self._batch = self._full = None
 
     def model_and_batch(self):
         if self._model is None:
@@ -70,49 +64,52 @@ class Suite:
             self._batch = stages.real_batch(self.config)
         return self._model, self._batch
 
+    def full_calls(self):
+        """The model's full graphs (traced once, shared by stages and limits)."""
+        if self._full is None:
+            from bench import stages
+
+            self._full = stages.full_calls(*self.model_and_batch())
+        return self._full
+
     def end_to_end(self):
         from bench import end_to_end
 
-        result = end_to_end.measure(self.config_name, self.s["e2e_sizes"], self.s["e2e_steps"],
+        result = end_to_end.measure(self.config.name, self.s["e2e_sizes"], self.s["e2e_steps"],
                                     self.s["e2e_warmup"], self.s["infer_seconds"], self.weights)
-        base = result["rows"][0]
-        self.rates = {key: base[key] for key in ("train_images_per_s", "infer_images_per_s_batch8",
-                                                 "infer_images_per_s_batch1")}
-        self.rates["source"] = f"end_to_end at {base['image_size']}px"
+        self.train_images_per_s = result["rows"][0]["train_images_per_s"]
         return result, end_to_end.table(result)
 
     def stages(self):
         from bench import stages
 
         model, batch = self.model_and_batch()
-        result = stages.measure(model, batch, repeats=self.s["repeats"], pipeline_batches=self.s["pipeline_batches"])
+        result = stages.measure(model, batch, repeats=self.s["repeats"], pipeline_batches=self.s["pipeline_batches"],
+                                full=self.full_calls())
         path = os.path.join(self.out_dir, "stages.png")
         stages.plot(result, path)
-        if not self.rates:  # no end-to-end run: the full graphs of this section give the rates
-            b = result["batch_size"]
-            self.rates = {"train_images_per_s": 1000.0 * b / result["training"]["measured_full_ms"],
-                          "infer_images_per_s_batch8": 1000.0 * b / result["inference"]["measured_predict_graph_ms"],
-                          "source": "stages (full graphs on one fixed batch, no input pipeline)"}
+        if self.train_images_per_s is None:  # no end-to-end run: the full training step gives it
+            self.train_images_per_s = 1000.0 * result["batch_size"] / result["training"]["measured_full_ms"]
         return result, stages.table(result) + f"\nwrote {path}"
 
     def scaling(self):
         from bench import scaling
 
-        result = scaling.measure(self.config_name, self.s["scaling_sizes"], self.s["objects"],
+        result = scaling.measure(self.config.name, self.s["scaling_sizes"], self.s["objects"],
                                  self.s["scaling_repeats"], self.weights, self.s["gt_counts"], self.s["box_counts"])
         return result, scaling.table(result)
 
     def limits(self):
         from bench import limits
 
-        model, _ = self.model_and_batch()
-        result = limits.measure(model, self.rates, repeats=self.s["repeats"])  # shares need rates
+        model, batch = self.model_and_batch()
+        result = limits.measure(model, self.full_calls(), int(batch["image"].shape[0]), repeats=self.s["repeats"])
         return result, limits.table(result)
 
     def builtins(self):
         from bench import builtins
 
-        result = builtins.measure(self.rates.get("train_images_per_s"), self.config, repeats=self.s["repeats"],
+        result = builtins.measure(self.train_images_per_s, self.config, repeats=self.s["repeats"],
                                   pipeline_batches=self.s["pipeline_batches"])
         return result, builtins.table(result)
 
@@ -133,6 +130,36 @@ class Suite:
         return result, variants.table(result)
 
 
+def run_sections(suite, sections):
+    """Run ``sections`` (in the suite's order), print their tables, write ``<section>.json`` and
+    ``suite.json`` into ``suite.out_dir`` -> the summary dict."""
+    from bench.common import machine, write_results
+
+    os.makedirs(suite.out_dir, exist_ok=True)
+    start = time.perf_counter()
+    summary = {"sections": {}, "quick": suite.s is SETTINGS[True], "config": suite.config.name,
+               "weights": suite.weights}
+    for name in SECTIONS:
+        if name not in sections:
+            continue
+        print(f"\n=== {name} ===", flush=True)
+        began = time.perf_counter()
+        result, text = getattr(suite, name)()
+        result["seconds"] = round(time.perf_counter() - began, 1)
+        result["machine"] = machine()
+        print(text)
+        write_results(os.path.join(suite.out_dir, f"{name}.json"), result)
+        summary["sections"][name] = result["seconds"]
+        sys.stdout.flush()
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    summary["machine"] = machine()
+    write_results(os.path.join(suite.out_dir, "suite.json"), summary)
+    print(f"\nsuite: {', '.join(f'{k} {v:.0f} s' for k, v in summary['sections'].items())}; "
+          f"total {summary['seconds']:.0f} s (load average {summary['machine']['load_average_1min']:.1f} "
+          f"on {summary['machine']['cpu_count']} cores)")
+    return summary
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -147,32 +174,10 @@ def main(argv=None):
     parser.add_argument("--out", default=RESULTS, help=f"folder for the JSON files and stages.png ({RESULTS})")
     args = parser.parse_args(argv)
 
-    from bench.common import machine, write_results
+    from minimask import config as config_lib
 
-    sections = args.only or DEFAULT_SECTIONS
-    os.makedirs(args.out, exist_ok=True)
-    suite = Suite(args.config, SETTINGS[args.quick], args.weights, args.out, args.variant)
-    start = time.perf_counter()
-    summary = {"sections": {}, "quick": args.quick, "config": args.config, "weights": args.weights}
-    for name in SECTIONS:
-        if name not in sections:
-            continue
-        print(f"\n=== {name} ===", flush=True)
-        began = time.perf_counter()
-        result, text = getattr(suite, name)()
-        result["seconds"] = round(time.perf_counter() - began, 1)
-        result["machine"] = machine()
-        print(text)
-        write_results(os.path.join(args.out, f"{name}.json"), result)
-        summary["sections"][name] = result["seconds"]
-        sys.stdout.flush()
-    summary["seconds"] = round(time.perf_counter() - start, 1)
-    summary["machine"] = machine()
-    write_results(os.path.join(args.out, "suite.json"), summary)
-    print(f"\nsuite: {', '.join(f'{k} {v:.0f} s' for k, v in summary['sections'].items())}; "
-          f"total {summary['seconds']:.0f} s (load average {summary['machine']['load_average_1min']:.1f} "
-          f"on {summary['machine']['cpu_count']} cores)")
-    return summary
+    suite = Suite(config_lib.get_config(args.config), SETTINGS[args.quick], args.weights, args.out, args.variant)
+    return run_sections(suite, args.only or DEFAULT_SECTIONS)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@
   additions, losses, NMS and target computation are not counted (a few percent, and not
   multiply-adds).  A training step counts 3x its forward pass (forward, then the gradients with
   respect to the activations and to the weights, each about one forward).
-* Share of peak = FLOPs per image x images/s (from the end-to-end section when it ran, else
-  measured here on one fixed batch) / peak FLOP/s.
+* Share of peak = FLOPs per image x images/s / peak FLOP/s, where the images/s come from the
+  full graphs (one training step, the predict graph at batch 8 and 1, on one fixed batch)
+  timed in the same interleaved rounds as the peak kernels: on a machine whose load changes
+  from minute to minute, numbers taken at different times cannot be divided by each other.
 """
 import functools
 
@@ -31,8 +33,8 @@ CONV_SHAPES = {"3x3 conv, 8x56x56, 128->128 ch": (8, 56, 56, 128, 128),
                "3x3 conv, mask head shape 200x14x14, 64->64 ch": (200, 14, 14, 64, 64)}
 
 
-def peak_flops(matmul_size=1024, repeats=10):
-    """GFLOP/s of a float32 matmul and of 3x3 convolutions on this machine -> list of rows."""
+def peak_calls(matmul_size=1024):
+    """{kernel: (zero-argument call, FLOPs)}: a float32 matmul and 3x3 convolutions."""
     rng = np.random.default_rng(0)
     a = tf.constant(rng.normal(size=(matmul_size, matmul_size)), tf.float32)
     b = tf.constant(rng.normal(size=(matmul_size, matmul_size)), tf.float32)
@@ -43,9 +45,7 @@ def peak_flops(matmul_size=1024, repeats=10):
         x = tf.constant(rng.normal(size=(batch, h, w, c_in)), tf.float32)
         k = tf.constant(rng.normal(size=(3, 3, c_in, c_out)), tf.float32)
         calls[name] = (functools.partial(conv, x, k), 2.0 * batch * h * w * c_in * c_out * 9)
-    timed = time_interleaved({name: fn for name, (fn, _) in calls.items()}, warmup=2, repeats=repeats)
-    return [{"kernel": name, "gflop": flops / 1e9, "median_ms": timed[name]["median_ms"],
-             "gflop_per_s": flops / 1e9 / (timed[name]["median_ms"] / 1000.0)} for name, (_, flops) in calls.items()]
+    return calls
 
 
 def _kernel_size(layer):
@@ -86,22 +86,31 @@ def model_flops(model):
              "training_step_gflop": 3 * 2 * training[stage] / 1e9} for stage in inference]
 
 
-def measure(model, rates, repeats=10):
-    """``rates``: {"train_images_per_s", "infer_images_per_s_batch8", "infer_images_per_s_batch1"}."""
-    peaks = peak_flops(repeats=repeats)
+def measure(model, full, batch_size, repeats=10):
+    """Peak kernels and the model's full graphs (``full``: :func:`bench.stages.full_calls`) timed
+    in the SAME interleaved rounds, so that the share of the peak compares like with like on a
+    machine whose load changes (the input pipeline is not included: it overlaps the step)."""
+    peaks = peak_calls()
+    work = {"training step": ("full training step", batch_size, "training_step_gflop"),
+            f"inference, batch {batch_size}": ("full inference", batch_size, "inference_gflop"),
+            "inference, batch 1": ("inference, batch 1", 1, "inference_gflop")}
+    calls = {name: fn for name, (fn, _) in peaks.items()}
+    calls.update({key: full[key] for key, _, _ in work.values()})
+    timed = time_interleaved(calls, warmup=2, repeats=repeats)
+    peak_rows = [{"kernel": name, "gflop": flops / 1e9, "median_ms": timed[name]["median_ms"],
+                  "gflop_per_s": flops / 1e9 / (timed[name]["median_ms"] / 1000.0)}
+                 for name, (_, flops) in peaks.items()]
+    peak = max(row["gflop_per_s"] for row in peak_rows)
     flops = model_flops(model)
-    peak = max(row["gflop_per_s"] for row in peaks)
     per_image = {key: sum(row[key] for row in flops) for key in ("inference_gflop", "training_step_gflop")}
     shares = []
-    for name, key, flop_key in (("training", "train_images_per_s", "training_step_gflop"),
-                                ("inference, batch 8", "infer_images_per_s_batch8", "inference_gflop"),
-                                ("inference, batch 1", "infer_images_per_s_batch1", "inference_gflop")):
-        if rates.get(key):
-            achieved = per_image[flop_key] * rates[key]
-            shares.append({"what": name, "images_per_s": rates[key], "gflop_per_image": per_image[flop_key],
-                           "achieved_gflop_per_s": achieved, "share_of_peak_percent": 100.0 * achieved / peak})
-    return {"peaks": peaks, "peak_gflop_per_s": peak, "flops": flops, "gflop_per_image": per_image,
-            "shares": shares, "rates_from": rates.get("source")}
+    for name, (key, images, flop_key) in work.items():
+        images_per_s = images / (timed[key]["median_ms"] / 1000.0)
+        achieved = per_image[flop_key] * images_per_s
+        shares.append({"what": name, "images_per_s": images_per_s, "gflop_per_image": per_image[flop_key],
+                       "achieved_gflop_per_s": achieved, "share_of_peak_percent": 100.0 * achieved / peak})
+    return {"peaks": peak_rows, "peak_gflop_per_s": peak, "flops": flops, "gflop_per_image": per_image,
+            "shares": shares, "repeats": repeats}
 
 
 def table(result):
@@ -117,6 +126,6 @@ def table(result):
     lines.append(format_table(result["shares"], [
         ("what", "what", None), ("images_per_s", "img/s", ".1f"), ("gflop_per_image", "GFLOP/img", ".3f"),
         ("achieved_gflop_per_s", "GFLOP/s", ".1f"), ("share_of_peak_percent", "% of peak", ".0f")],
-        f"Share of the peak ({result['peak_gflop_per_s']:.0f} GFLOP/s); images/s from "
-        f"{result['rates_from'] or 'nowhere: run the end_to_end or stages section too'}"))
+        f"Share of the peak ({result['peak_gflop_per_s']:.0f} GFLOP/s): the full graphs on one fixed batch, "
+        f"timed in the same {result['repeats']} interleaved rounds as the peak kernels"))
     return "\n".join(lines)

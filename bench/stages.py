@@ -208,21 +208,24 @@ def pipeline_ms_per_batch(config, batches=30):
 
 
 def full_calls(model, batch):
-    """The two full graphs on the same batch: the predict graph and one training step."""
+    """The full graphs on the same batch: predict (batch B and 1), detect, one training step."""
     model.compile(optimizer=train_lib.make_optimizer(model.config, 1000))
     model.optimizer.build(model.trainable_variables)
     step = tf.function(model.train_step)
     images = batch["image"]
     return {"full inference": functools.partial(model.predict_batch, images),
             "full inference + pasting": functools.partial(model.detect, images),
+            "inference, batch 1": functools.partial(model.predict_batch, images[:1]),
             "full training step": functools.partial(step, batch)}
 
 
-def measure(model, batch, warmup=2, repeats=10, pipeline_batches=30):
-    """Time every stage and the full graphs -> result dict (rows per stage, sums, measured, gaps)."""
+def measure(model, batch, warmup=2, repeats=10, pipeline_batches=30, full=None):
+    """Time every stage and the full graphs (``full``: :func:`full_calls`, made here if None)
+    -> result dict (rows per stage, sums, measured, gaps)."""
     inference = {f"inference/{k}": v for k, v in inference_calls(model, batch["image"]).items()}
     training = {f"training/{k}": v for k, v in training_calls(model, batch).items()}
-    full = full_calls(model, batch)
+    full = full or full_calls(model, batch)
+    full = {key: full[key] for key in ("full inference", "full inference + pasting", "full training step")}
     timed = time_interleaved({**inference, **training, **full}, warmup, repeats)
     pipeline = pipeline_ms_per_batch(model.config, pipeline_batches)
     batch_size = int(batch["image"].shape[0])

@@ -276,7 +276,9 @@ class MaskRCNN(keras.Model):
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; stages: {sorted(STAGES)}")
         self.stage = stage
-        self.proposal_model = proposal_model
+        # a reference, not a sub-layer: bypass Keras' tracking, which is locked once the model is built
+        # (and must not save the other model's weights inside this one)
+        object.__setattr__(self, "proposal_model", proposal_model)
         if proposal_model is not None:
             proposal_model.trainable = False
         groups = STAGES[stage]["train"]

@@ -137,3 +137,37 @@ def test_time_budget_fits_the_schedule_and_stops_on_it(tmp_path):
     assert state["total_steps"] is not None and state["total_steps"] > 30
     assert state["step"] == state["total_steps"] == int(model.optimizer.iterations.numpy())
     assert state["elapsed"] < 60 * 1.2
+
+
+def test_four_step_schedule_trains_each_part_in_its_step(tmp_path, monkeypatch):
+    """Ren et al. 2015, Sec. 3.2: 1 backbone + RPN; 2 a fresh detector (backbone + heads) on the
+    step-1 proposals; 3 the RPN head alone; 4 the heads alone. Watch which weights each step moves."""
+    config = tiny_config(checkpoint_every=100)
+    parts = {"backbone": "backbone_fpn", "rpn": "rpn_head", "box": "box_head", "mask": "mask_head"}
+    calls = []
+    real_fit = train.fit
+
+    def watched_fit(model, batches, config, run_dir, *, stage="joint", proposal_model=None, **kwargs):
+        before = {p: [w.copy() for w in getattr(model, a).get_weights()] for p, a in parts.items()}
+        history = real_fit(model, batches, config, run_dir, stage=stage, proposal_model=proposal_model, **kwargs)
+        moved = {p for p, a in parts.items()
+                 if any(not np.array_equal(b, w) for b, w in zip(before[p], getattr(model, a).get_weights()))}
+        calls.append((stage, moved, proposal_model is not None, history["step"]))
+        return history
+
+    monkeypatch.setattr(train, "fit", watched_fit)
+    model, _ = train.run(config, str(tmp_path / "alt"), train_source=_source(config), steps=8,
+                         schedule="alternating", verbose=0, evaluate=False)
+    assert [(stage, moved, fixed) for stage, moved, fixed, _ in calls] == [
+        ("rpn", {"backbone", "rpn"}, False),
+        ("detector", {"backbone", "box", "mask"}, True),  # proposals of the fixed step-1 network
+        ("rpn_finetune", {"rpn"}, False),
+        ("heads_finetune", {"box", "mask"}, False),
+    ]
+    assert all(len(steps) == 2 for *_, steps in calls)  # a quarter of the budget each
+    with open(tmp_path / "alt" / "history.json") as f:
+        assert json.load(f)["step"] == list(range(1, 9))
+    # the returned model is the trained detector, and the joint stage is restored for later use
+    assert model.stage == "joint" and model.proposal_model is None
+    images = np.zeros((1, 64, 64, 3), np.uint8)
+    assert np.isfinite(model(images)["scores"].numpy()).all()

@@ -22,7 +22,7 @@ def serving_outputs(model, images):
     m = tf.shape(out["masks"])[2]
     flat_masks = tf.reshape(out["masks"], [batch * num_det, m, m])
     flat_boxes = tf.reshape(out["boxes"], [batch * num_det, 4])
-    pasted = postprocess.paste_masks(flat_masks, flat_boxes, (size, size))
+    pasted = postprocess.paste_masks(flat_masks, flat_boxes, (size, size), model.config.mask_threshold)
     valid = tf.range(num_det)[None, :] < out["num_detections"][:, None]  # [B, D]
     out = dict(out)
     out["full_masks"] = tf.reshape(pasted, [batch, num_det, size, size]) & valid[:, :, None, None]

@@ -186,11 +186,14 @@ class MaskRCNN(keras.Model):
         detections["masks"] = postprocess.select_class_masks(probs, detections["class_ids"])
         return detections
 
-    def detect(self, images, mask_threshold=0.5):
+    def detect(self, images, mask_threshold=None):
         """Detections as numpy, one dict per image, valid rows only, masks pasted at full resolution.
 
-        ``[{"boxes" [D, 4], "scores" [D], "class_ids" [D], "masks" bool [D, S, S]}, ...]``
+        ``[{"boxes" [D, 4], "scores" [D], "class_ids" [D], "masks" bool [D, S, S]}, ...]``;
+        ``mask_threshold`` defaults to the config's.
         """
+        if mask_threshold is None:
+            mask_threshold = self.config.mask_threshold
         out = self.predict_batch(images)
         results = []
         for b in range(out["boxes"].shape[0]):
@@ -256,7 +259,7 @@ class MaskRCNN(keras.Model):
             class_logits, box_deltas = self.box_branch(features, targets["rois"], training=training)
             losses["class"], losses["box"] = heads_lib.box_head_losses(
                 class_logits, box_deltas, targets["class_targets"], targets["box_targets"],
-                targets["positive"], targets["roi_valid"])
+                targets["positive"], targets["roi_valid"], smooth_l1_beta=c.box_smooth_l1_beta)
             normalizers["class"] = normalizers["box"] = _count(targets["roi_valid"])  # heads.box_head_losses
             # Only positive RoIs train the mask head (Mask R-CNN Sec. 3.1: "L_mask is defined only
             # on positive RoIs"); at most mask_rois_per_image of them per image.

@@ -39,9 +39,13 @@ def predict_image(model, image, score_threshold=0.5):
     out = model.predict_batch(padded[None])
     n = int(out["num_detections"][0])
     keep = out["scores"][0, :n] >= score_threshold
-    boxes = out["boxes"][0, :n][keep] / scale
     height, width = image.shape[:2]
-    masks = postprocess.paste_masks(out["masks"][0, :n][keep], boxes, (height, width)).numpy()
+    boxes = out["boxes"][0, :n][keep] / scale  # back to the image's own pixels
+    # each mask covers its box as predicted; the reported box is cut to the image (the letterbox
+    # padding lies outside it)
+    masks = postprocess.paste_masks(out["masks"][0, :n][keep], boxes, (height, width),
+                                    model.config.mask_threshold).numpy()
+    boxes = np.clip(boxes, 0.0, [height, width, height, width]).astype(np.float32)
     return {"boxes": boxes, "scores": out["scores"][0, :n][keep],
             "class_ids": out["class_ids"][0, :n][keep], "masks": masks}
 

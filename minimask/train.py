@@ -250,19 +250,19 @@ class TimeBudget(keras.callbacks.Callback):
 
     After ``measure_after`` steps the speed is measured and the schedule's horizon is
     set to the number of steps that fit in the time left; training then stops at exactly
-    that step.  The first steps after tracing run faster or slower than the average of the
-    run (one fit after 30 steps ended a 12-minute run 9% early, one after 100 steps 6% late),
-    so the horizon is fitted once more, from every step since, when a third of the budget
-    has passed: the cosine has then hardly left its peak, and moving its end changes
-    the rates already used very little.
+    that step.  The speed drifts during a run (one fit after 30 steps ended a 12-minute run
+    9% early, one after 100 steps 6% late), so the horizon is fitted again at ``refits``
+    (shares of the budget), each time from the speed since the last fit: the last fit
+    leaves only a tenth of the budget to extrapolate, and moving the end of the cosine late
+    in the run changes rates that are already small.
     """
 
-    def __init__(self, minutes, schedule, measure_after=100, refit_at=1 / 3, elapsed=0.0):
+    def __init__(self, minutes, schedule, measure_after=100, refits=(1 / 3, 2 / 3, 0.9), elapsed=0.0):
         super().__init__()
         self.seconds = float(minutes) * 60.0
         self.schedule = schedule
         self.measure_after = int(measure_after)
-        self.refit_at = float(refit_at)
+        self.refits = sorted(float(r) for r in refits)
         self.elapsed_before = float(elapsed)
         self.total_steps = None
 
@@ -270,26 +270,30 @@ class TimeBudget(keras.callbacks.Callback):
         self.start = time.perf_counter()
         resumed = self.elapsed_before > 0  # a resumed run keeps the horizon saved with it
         self.total_steps = int(self.schedule.total_steps.numpy()) if resumed else None
-        self.fits_left = 0 if resumed else 2
-        self.timer_start = None
+        self.fits_done = 1 + len(self.refits) if resumed else 0
+        self.last_fit = None  # (time, step) the speed is measured from
 
     def elapsed(self):
         return self.elapsed_before + time.perf_counter() - self.start
 
     def _fit_horizon(self, step):
-        rate = (step - self.timer_start[1]) / (time.perf_counter() - self.timer_start[0])  # steps / s
+        now = time.perf_counter()
+        rate = (step - self.last_fit[1]) / max(now - self.last_fit[0], 1e-9)  # steps / s since the last fit
         left = self.seconds - self.elapsed()
         self.total_steps = max(step + 1, int(step + left * rate))
         self.schedule.total_steps.assign(float(self.total_steps))
-        self.fits_left -= 1
+        self.last_fit = (now, step)
+        self.fits_done += 1
 
     def on_train_batch_end(self, batch, logs=None):
         step = int(self.model.optimizer.iterations.numpy())
-        if self.timer_start is None:  # the first step includes tracing: measure from the next
-            self.timer_start = (time.perf_counter(), step)
-        elif self.fits_left == 2 and step - self.timer_start[1] >= self.measure_after:
-            self._fit_horizon(step)
-        elif self.fits_left == 1 and self.elapsed() >= self.refit_at * self.seconds:
+        if self.last_fit is None:  # the first step includes tracing: measure from the next
+            self.last_fit = (time.perf_counter(), step)
+        elif self.fits_done == 0:
+            if step - self.last_fit[1] >= self.measure_after:
+                self._fit_horizon(step)
+        elif (self.fits_done <= len(self.refits) and step - self.last_fit[1] >= 10
+              and self.elapsed() >= self.refits[self.fits_done - 1] * self.seconds):
             self._fit_horizon(step)
         if self.total_steps is not None and step >= self.total_steps:
             self.model.stop_training = True

@@ -107,6 +107,13 @@ class Config:
     # batch_size, so a smaller batch trains as many epochs); 0: train_minutes instead.
     train_images: int = 0
 
+    def __post_init__(self):
+        # fields whose wrong values would not fail anywhere, only give silently wrong masks or losses
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise ValueError(f"mask_threshold must lie strictly between 0 and 1, got {self.mask_threshold}")
+        if self.box_smooth_l1_beta < 0.0:
+            raise ValueError(f"box_smooth_l1_beta must be >= 0 (0 is plain L1), got {self.box_smooth_l1_beta}")
+
     # --- helpers --------------------------------------------------------------------
     def replace(self, **changes):
         """A copy with some fields changed (the config itself is frozen)."""

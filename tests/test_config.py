@@ -22,3 +22,9 @@ def test_frozen_and_checked():
         Config.from_dict({**config.to_dict(), "learning_rat": 0.1})
     with pytest.raises(ValueError, match="unknown config"):
         get_config("imagenet")
+
+
+@pytest.mark.parametrize("field, value", [("mask_threshold", 0.0), ("mask_threshold", 1.5), ("box_smooth_l1_beta", -1.0)])
+def test_values_that_would_fail_silently_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        get_config("mnist", **{field: value})

@@ -408,7 +408,12 @@ def test_mirrored_strategy_step_equals_the_single_device_step(tmp_path):
     mirrored_step = [mirrored[str(i)] - b for i, b in enumerate(initial)]
     norm = np.sqrt(sum(float(np.sum(d ** 2)) for d in single_step))
     difference = np.sqrt(sum(float(np.sum((a - b) ** 2)) for a, b in zip(single_step, mirrored_step)))
-    assert norm > 0 and difference <= 1e-3 * norm
+    # The tolerance is the floor of float32 arithmetic in other kernels, not of the distribution:
+    # with the same kernels the steps differ by 7e-6 of the norm, but the CI machine's CPU (like
+    # TF_ENABLE_ONEDNN_OPTS=0 in the child here) gives 1.4e-3, spread over the backbone, whose
+    # small gradients are sums that nearly cancel.  What the test guards against is of order 1:
+    # clipping each replica's half, averaging the losses over the replicas twice, per-replica BN.
+    assert norm > 0 and difference <= 1e-2 * norm, f"the steps differ by {difference / norm:.2e} of their norm"
 
     # the NaN guard across replicas: the step is skipped on both (no update, no optimizer step),
     # training stops, and the whole global batch is saved (both replicas' halves, in order)

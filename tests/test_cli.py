@@ -42,15 +42,20 @@ def test_predict_writes_overlays_and_results(run_dir, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     scenes = MnistDetection("test", 2, 0, image_size=96)  # another size: letterboxed to the model's
-    for i in range(2):
-        Image.fromarray(scenes[i]["image"]).save(folder / f"scene{i}.png")
+    # scene1 is cut to 96 x 40: its letterbox is mostly padding, where boxes may reach
+    Image.fromarray(scenes[0]["image"]).save(folder / "scene0.png")
+    Image.fromarray(scenes[1]["image"][:40]).save(folder / "scene1.png")
+    sizes = {1: (96, 96), 2: (40, 96)}  # image id (file order, from 1) -> (height, width)
     out = str(tmp_path / "pred")
     assert cli_main(["predict", "--run", run_dir, str(folder), "--out", out, "--score-threshold", "0.0"]) == 0
     assert sorted(os.listdir(out)) == ["results.json", "scene0.png", "scene1.png"]
-    for entry in json.load(open(os.path.join(out, "results.json"))):
-        x, y, w, h = entry["bbox"]
-        assert 0 <= x and 0 <= y and x + w <= 96.5 and y + h <= 96.5  # in the original image's pixels
-        assert entry["segmentation"]["size"] == [96, 96]
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert {entry["image_id"] for entry in results} <= set(sizes)
+    for entry in results:
+        height, width = sizes[entry["image_id"]]
+        x, y, w, h = entry["bbox"]  # in the original image's pixels, cut to the image
+        assert 0 <= x and 0 <= y and x + w <= width + 1e-3 and y + h <= height + 1e-3
+        assert entry["segmentation"]["size"] == [height, width]
 
 
 def test_export_then_load_with_plain_tensorflow(run_dir, tmp_path):

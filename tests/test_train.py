@@ -10,10 +10,12 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import numpy as np
 import pytest
 import keras
+import tensorflow as tf
 
 from conftest import tiny_config
 from minimask import train
@@ -137,6 +139,31 @@ def test_time_budget_fits_the_schedule_and_stops_on_it(tmp_path):
     assert state["total_steps"] is not None and state["total_steps"] > 30
     assert state["step"] == state["total_steps"] == int(model.optimizer.iterations.numpy())
     assert state["elapsed"] < 60 * 1.2
+
+
+def test_time_budget_refits_the_horizon_when_the_steps_slow_down(monkeypatch):
+    """A fake clock: steps take 1 s, then 2 s from step 200 on, in a 600 s budget.  The first fit
+    (after 100 steps) and the refit at 1/3 of the budget see 1 s a step and aim at step 600; the
+    refits at 2/3 and 0.9 measure 2 s a step since the previous fit, which leaves exactly 400 steps."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(train.time, "perf_counter", lambda: clock["now"])
+    schedule = train.WarmupCosine(1e-3, 10, 10**6)
+    budget = train.TimeBudget(10.0, schedule)
+    model = types.SimpleNamespace(optimizer=types.SimpleNamespace(iterations=tf.Variable(0, dtype=tf.int64)),
+                                  stop_training=False)
+    budget.set_model(model)
+    budget.on_train_begin()
+    horizons = {}  # step -> the horizon right after it
+    while not model.stop_training:
+        step = int(model.optimizer.iterations.numpy()) + 1
+        clock["now"] += 1.0 if step <= 200 else 2.0
+        model.optimizer.iterations.assign(step)
+        budget.on_train_batch_end(step)
+        horizons[step] = budget.total_steps
+    assert horizons[100] is None and horizons[101] == 600  # first fit: 100 steps after the first
+    assert horizons[299] == 600 and horizons[300] == 400  # 2/3 of the budget: 400 s at step 300
+    assert step == budget.total_steps == int(schedule.total_steps.numpy()) == 400
+    assert clock["now"] == 600.0  # stopped by the fitted horizon, on the budget, not by the safety net
 
 
 def test_four_step_schedule_trains_each_part_in_its_step(tmp_path, monkeypatch):

@@ -71,7 +71,8 @@ def multiply_adds(model, box_rois, mask_rois):
         "box head": box_rois * sum(_kernel_size(layer) for layer in (box.fc1, box.fc2, box.class_logits,
                                                                       box.box_deltas)),
         "mask head": mask_rois * (m * m * sum(_kernel_size(conv) for conv in mask.convs)
-                                  + m * m * _kernel_size(mask.upsample) + (2 * m) ** 2 * _kernel_size(mask.mask_logits)),
+                                  + m * m * _kernel_size(mask.upsample) + (2 * m) ** 2 * _kernel_size(mask.mask_logits)
+                                  + ((2 * m) ** 2 * _kernel_size(mask.pixel_conv) if mask.pixel_conv else 0)),
     }
 
 

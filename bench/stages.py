@@ -85,6 +85,15 @@ def _detect(model, class_logits, box_deltas, rois, num_rois):
                               max_detections=c.max_detections, pre_nms_top_k=c.detection_pre_nms)
 
 
+def _mask_inputs(model, features, boxes, images):
+    """The mask head's inputs: (pooled features,) and, when the head sees the pixels
+    (``mask_head_pixels``), the RoIs' pixels too: both are its RoIAlign stage."""
+    pooled = model.mask_pooler(features[:4], boxes)
+    if not model.config.mask_head_pixels:
+        return (pooled,)
+    return pooled, model.roi_pixels(images, boxes)
+
+
 def paste_all(model, detections):
     """What ``MaskRCNN.detect`` adds to the graph: per image, its valid masks pasted at full size."""
     out = [postprocess.paste_masks(masks[:n], boxes[:n], model.image_shape)
@@ -104,10 +113,11 @@ def inference_calls(model, images):
     logits, box_deltas = r.run("box head", lambda x: model.box_head(x), pooled)
     detections = r.run("detection layer (NMS)", functools.partial(_detect, model), logits, box_deltas, rois,
                        num_rois)
-    pooled = r.run("RoIAlign (mask 14x14)", lambda p, b: model.mask_pooler(p[:4], b), features,
-                   detections["boxes"])
-    masks = r.run("mask head", lambda x, k: postprocess.select_class_masks(tf.sigmoid(model.mask_head(x)), k),
-                  pooled, detections["class_ids"])
+    head_inputs = r.run("RoIAlign (mask 14x14)", functools.partial(_mask_inputs, model), features,
+                        detections["boxes"], images)
+    masks = r.run("mask head",
+                  lambda x, k: postprocess.select_class_masks(tf.sigmoid(model.mask_head(*x)), k),
+                  head_inputs, detections["class_ids"])
     detections = fetch({**detections, "masks": masks})
     calls = dict(r.calls)
     calls["mask pasting (detect)"] = functools.partial(paste_all, model, detections)  # eager, as detect()
@@ -169,14 +179,14 @@ def training_calls(model, batch):
     # the mask head trains on the first (positive) slots, as MaskRCNN.compute_losses takes them
     count = min(c.mask_rois_per_image, int(c.rois_per_image * c.roi_positive_fraction))
     positives = {key: value[:, :count] for key, value in targets.items()}
-    pooled, _ = r.run("RoIAlign (mask 14x14)", _forward_backward(lambda p, b: model.mask_pooler(p[:4], b), []),
-                      features, positives["rois"])
+    head_inputs, _ = r.run("RoIAlign (mask 14x14)", _forward_backward(functools.partial(_mask_inputs, model), []),
+                           features, positives["rois"], batch["image"])
 
-    def mask_loss(pooled):
-        return heads_lib.mask_loss(model.mask_head(pooled, training=True), positives["mask_targets"],
+    def mask_loss(head_inputs):
+        return heads_lib.mask_loss(model.mask_head(*head_inputs, training=True), positives["mask_targets"],
                                    positives["class_targets"], positives["positive"])
 
-    r.run("mask head", _forward_backward(mask_loss, model.mask_head.trainable_variables), pooled)
+    r.run("mask head", _forward_backward(mask_loss, model.mask_head.trainable_variables), head_inputs)
     r.calls["optimizer update"] = _optimizer_update(model, batch)
     return r.calls
 

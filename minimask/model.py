@@ -48,7 +48,7 @@ from minimask import proposals as proposal_lib
 from minimask import rpn as rpn_lib
 from minimask import targets as target_lib
 from minimask.config import Config
-from minimask.roi_align import MultiLevelRoIAlign
+from minimask.roi_align import MultiLevelRoIAlign, roi_align
 
 LOSS_NAMES = ("rpn_class", "rpn_box", "class", "box", "mask")
 
@@ -139,7 +139,8 @@ class MaskRCNN(keras.Model):
         self.mask_pooler = MultiLevelRoIAlign(output_size=c.mask_pool_size, name="mask_roi_align", **roi_kwargs)
         self.box_head = heads_lib.BoxHead(num_classes=c.num_classes, fc_width=c.box_head_width, name="box_head")
         self.mask_head = heads_lib.MaskHead(
-            num_classes=c.num_classes, num_convs=c.mask_head_convs, width=c.mask_head_width, name="mask_head")
+            num_classes=c.num_classes, num_convs=c.mask_head_convs, width=c.mask_head_width,
+            pixel_channels=c.mask_head_pixels, name="mask_head")
 
     # ------------------------------------------------------------------ stages of the model
     def features(self, images, training=False):
@@ -164,10 +165,31 @@ class MaskRCNN(keras.Model):
         class_logits, deltas = self.box_head(pooled, training=training)
         return tf.cast(class_logits, tf.float32), tf.cast(deltas, tf.float32)
 
-    def mask_branch(self, features, rois, training=False):
-        """P2..P5 + boxes ``[B, Q, 4]`` -> mask logits ``[B, Q, 28, 28, K]``."""
+    def mask_branch(self, features, rois, training=False, images=None):
+        """P2..P5 + boxes ``[B, Q, 4]`` -> mask logits ``[B, Q, 28, 28, K]``.
+
+        ``images`` (uint8 ``[B, S, S, 3]``) are needed when the mask head also sees the RoIs'
+        pixels (``config.mask_head_pixels > 0``).
+        """
         pooled = self.mask_pooler(features[:4], rois)  # [B, Q, 14, 14, F]
-        return tf.cast(self.mask_head(pooled, training=training), tf.float32)
+        if not self.config.mask_head_pixels:
+            return tf.cast(self.mask_head(pooled, training=training), tf.float32)
+        if images is None:
+            raise ValueError("config.mask_head_pixels > 0: mask_branch needs the images too")
+        pixels = self.roi_pixels(images, rois)  # [B, Q, 28, 28, 3]
+        return tf.cast(self.mask_head(pooled, pixels, training=training), tf.float32)
+
+    def roi_pixels(self, images, rois):
+        """uint8 images ``[B, S, S, 3]`` + boxes ``[B, Q, 4]`` -> normalized pixels ``[B, Q, m, m, 3]``
+        (m = mask_size), cut with the same RoIAlign sampling as the mask targets (targets.py)."""
+        c = self.config
+        x = backbone_lib.normalize_images(images, mode=c.pixel_normalization)  # float32 [B, S, S, 3]
+        batch, num_rois = tf.shape(rois)[0], tf.shape(rois)[1]
+        image_index = tf.repeat(tf.range(batch), num_rois)  # [B*Q]
+        crops = roi_align(x, tf.reshape(tf.cast(rois, tf.float32), [-1, 4]), image_index, c.mask_size,
+                          spatial_scale=1.0, sampling_ratio=2, aligned=True,
+                          implementation=c.roi_align_implementation)  # [B*Q, m, m, 3]
+        return tf.reshape(crops, [batch, num_rois, c.mask_size, c.mask_size, 3])
 
     # ------------------------------------------------------------------ inference path
     def call(self, images, training=False):
@@ -181,7 +203,7 @@ class MaskRCNN(keras.Model):
             class_logits, box_deltas, rois, roi_valid, self.image_shape, box_weights=c.box_weights,
             score_threshold=c.score_threshold, nms_iou=c.detection_nms_iou, max_detections=c.max_detections,
             pre_nms_top_k=c.detection_pre_nms)
-        mask_logits = self.mask_branch(features, detections["boxes"])
+        mask_logits = self.mask_branch(features, detections["boxes"], images=images)
         probs = tf.sigmoid(mask_logits)
         detections["masks"] = postprocess.select_class_masks(probs, detections["class_ids"])
         return detections
@@ -265,7 +287,7 @@ class MaskRCNN(keras.Model):
             # on positive RoIs"); at most mask_rois_per_image of them per image.
             mask_rois, mask_targets, mask_classes, mask_positive = _take_positives(
                 targets, min(c.mask_rois_per_image, int(c.rois_per_image * c.roi_positive_fraction)))
-            mask_logits = self.mask_branch(features, mask_rois, training=training)
+            mask_logits = self.mask_branch(features, mask_rois, training=training, images=images)
             losses["mask"] = heads_lib.mask_loss(mask_logits, mask_targets, mask_classes, mask_positive)
             normalizers["mask"] = _count(mask_positive)  # heads.mask_loss: divided by the positives
         losses = {name: tf.cast(value, tf.float32) for name, value in losses.items()}

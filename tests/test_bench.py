@@ -91,3 +91,26 @@ def test_format_table_aligns_columns_and_shows_missing_values():
     assert lines[0] == "title"
     assert len({len(line) for line in lines[1:]}) == 1  # every row as wide as the header
     assert lines[3].endswith("1.2") and lines[4].endswith("n/a")
+
+
+def test_stages_of_a_mask_head_that_sees_the_pixels():
+    """With ``mask_head_pixels`` the stage split still rebuilds the model: the mask head's stage
+    gives the masks of ``model.call``, its FLOPs add the pixel convolution, and training runs."""
+    import keras
+    import tensorflow as tf
+    from bench import stages
+    from conftest import synthetic_batch
+    from minimask.model import MaskRCNN
+    keras.utils.set_random_seed(3)
+    model = MaskRCNN(tiny_config(mask_head_pixels=4)).build_all()
+    batch = synthetic_batch(model.config, (2, 1), seed=8)
+    images = tf.constant(batch["image"])
+    calls = stages.inference_calls(model, images)
+    np.testing.assert_allclose(calls["mask head"]().numpy(), model(images)["masks"].numpy(), atol=1e-5)
+    m, k, p = model.config.mask_pool_size, model.config.num_classes, 4
+    with_pixels = multiply_adds(model, box_rois=5, mask_rois=3)["mask head"]
+    plain = multiply_adds(MaskRCNN(tiny_config()).build_all(), box_rois=5, mask_rois=3)["mask head"]
+    assert with_pixels - plain == 3 * (2 * m) ** 2 * (9 * 3 * p + p * k)  # the 3x3 pixel conv, p more logit inputs
+    train_batch = {key: tf.constant(value) for key, value in batch.items()}
+    out, grads = stages.training_calls(model, train_batch)["mask head"]()
+    assert all(np.isfinite(g.numpy()).all() for g in grads if g is not None)

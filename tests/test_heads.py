@@ -180,3 +180,27 @@ def test_bad_arguments_raise():
         MaskHead(num_classes=3, num_convs=-1)
     with pytest.raises(ValueError, match="pooled features"):
         BoxHead(num_classes=3)(np.zeros((4, 49), np.float32))
+
+
+def test_mask_head_with_pixels_uses_them_and_round_trips():
+    keras.utils.set_random_seed(6)
+    rng = np.random.default_rng(7)
+    head = MaskHead(num_classes=K, num_convs=1, width=8, pixel_channels=4, name="mask_head")
+    pooled = rng.normal(size=(2, 3, 14, 14, 8)).astype(np.float32)
+    pixels = rng.normal(size=(2, 3, 28, 28, 3)).astype(np.float32)
+    logits = head(pooled, pixels)
+    assert logits.shape == (2, 3, 28, 28, K)
+    assert [tuple(w.shape) for w in head.pixel_conv.weights] == [(3, 3, 3, 4), (4,)]
+    assert tuple(head.mask_logits.kernel.shape) == (1, 1, 8 + 4, K)  # features and pixels side by side
+    # the logits depend on the pixels (and only through pixel_conv's channels)
+    assert not np.allclose(head(pooled, pixels + 1.0).numpy(), logits.numpy())
+    with pytest.raises(ValueError, match="pixels"):
+        head(pooled)
+
+    clone = MaskHead.from_config(head.get_config())
+    assert clone.get_config()["pixel_channels"] == 4
+    clone(pooled, pixels)
+    clone.set_weights(head.get_weights())
+    np.testing.assert_allclose(clone(pooled, pixels).numpy(), logits.numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="pixel_channels"):
+        MaskHead(num_classes=3, pixel_channels=-1)

@@ -104,3 +104,65 @@ def test_saved_model_in_fresh_process_equals_keras(model, tmp_path):
     assert set(served.files) == set(expected)
     for key, value in expected.items():
         np.testing.assert_allclose(served[key], value.numpy(), atol=1e-5, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def pixel_model():
+    keras.utils.set_random_seed(1)
+    return MaskRCNN(tiny_config(mask_head_pixels=4)).build_all()
+
+
+def test_roi_pixels_are_cut_like_the_mask_targets(pixel_model):
+    """The mask head's pixel crops and its targets come from the same RoIAlign sampling: an
+    image whose ink is a gt mask gives, cut along any RoI, that RoI's mask target."""
+    from minimask import backbone as backbone_lib
+    from minimask.targets import mask_targets_for_rois
+    cfg = pixel_model.config
+    batch = synthetic_batch(cfg, (2, 1), seed=3)
+    rng = np.random.default_rng(4)
+    corner = rng.uniform(0, cfg.image_size * 0.6, size=(2, 5, 2))
+    rois = np.concatenate([corner, corner + rng.uniform(6, 30, size=(2, 5, 2))], -1).astype(np.float32)
+    matched = rng.integers(0, 2, size=(2, 5)).astype(np.int32)
+    matched[1] = 0  # the second image has one mask
+    images = np.zeros_like(batch["image"])
+    targets = mask_targets_for_rois(tf.constant(batch["masks"]), tf.constant(rois), tf.constant(matched),
+                                    cfg.mask_size).numpy()  # [2, 5, m, m] in {0, 1}
+    for r in range(5):
+        # each image holds only the mask matched to RoI r as ink (255) on black
+        for b in range(2):
+            images[b] = 255 * batch["masks"][b, matched[b, r]][..., None]
+        pixels = pixel_model.roi_pixels(tf.constant(images), tf.constant(rois)).numpy()  # [2, 5, m, m, 3]
+        black = backbone_lib.normalize_images(tf.zeros([1, 1, 1, 3], tf.uint8), cfg.pixel_normalization).numpy()
+        white = backbone_lib.normalize_images(tf.fill([1, 1, 1, 3], tf.constant(255, tf.uint8)),
+                                              cfg.pixel_normalization).numpy()
+        ink = ((pixels - black) / (white - black))[:, r].mean(-1)  # [2, m, m] in [0, 1]
+        assert ink.shape == targets[:, r].shape
+        agree = (ink >= 0.5) == (targets[:, r] > 0)
+        assert agree.mean() > 0.999, (r, agree.mean())
+        assert targets[:, r].sum() > 0 or ink.max() < 0.5
+
+
+def test_model_with_pixel_mask_head_trains_saves_and_exports(pixel_model, tmp_path):
+    batch = _tensors(synthetic_batch(pixel_model.config, (2, 3), seed=6))
+    with tf.GradientTape() as tape:
+        losses = pixel_model.compute_losses(batch, training=True)
+        total = tf.add_n(list(losses.values()))
+    assert float(losses["mask"]) == pytest.approx(math.log(2), abs=0.05)
+    kernel = pixel_model.mask_head.pixel_conv.kernel
+    grad = tape.gradient(total, kernel)
+    assert grad is not None and np.isfinite(grad.numpy()).all() and np.abs(grad.numpy()).max() > 0
+
+    images = synthetic_batch(pixel_model.config, (2, 1), seed=7)["image"]
+    path = str(tmp_path / "model.keras")
+    pixel_model.save(path)
+    loaded = keras.models.load_model(path)
+    expected = pixel_model.predict_batch(images)
+    for key, value in loaded.predict_batch(images).items():
+        np.testing.assert_allclose(value, expected[key], atol=1e-5, err_msg=key)
+    export_lib.export_saved_model(pixel_model, str(tmp_path / "exported"))
+    exported = tf.saved_model.load(str(tmp_path / "exported"))  # keep it referenced: it owns the variables
+    served = exported.serve(tf.constant(images))
+    for key, value in export_lib.serving_outputs(pixel_model, tf.constant(images)).items():
+        np.testing.assert_allclose(served[key].numpy(), value.numpy(), atol=1e-5, err_msg=key)
+    with pytest.raises(ValueError, match="images"):
+        pixel_model.mask_branch(pixel_model.features(tf.constant(images)), tf.zeros([2, 1, 4]))

@@ -48,7 +48,7 @@ from minimask import proposals as proposal_lib
 from minimask import rpn as rpn_lib
 from minimask import targets as target_lib
 from minimask.config import Config
-from minimask.roi_align import MultiLevelRoIAlign, roi_align
+from minimask.roi_align import MultiLevelRoIAlign
 
 LOSS_NAMES = ("rpn_class", "rpn_box", "class", "box", "mask")
 
@@ -181,15 +181,11 @@ class MaskRCNN(keras.Model):
 
     def roi_pixels(self, images, rois):
         """uint8 images ``[B, S, S, 3]`` + boxes ``[B, Q, 4]`` -> normalized pixels ``[B, Q, m, m, 3]``
-        (m = mask_size), cut with the same RoIAlign sampling as the mask targets (targets.py)."""
+        (m = mask_size), cut by ``targets.crop_rois`` like the mask targets."""
         c = self.config
         x = backbone_lib.normalize_images(images, mode=c.pixel_normalization)  # float32 [B, S, S, 3]
-        batch, num_rois = tf.shape(rois)[0], tf.shape(rois)[1]
-        image_index = tf.repeat(tf.range(batch), num_rois)  # [B*Q]
-        crops = roi_align(x, tf.reshape(tf.cast(rois, tf.float32), [-1, 4]), image_index, c.mask_size,
-                          spatial_scale=1.0, sampling_ratio=2, aligned=True,
-                          implementation=c.roi_align_implementation)  # [B*Q, m, m, 3]
-        return tf.reshape(crops, [batch, num_rois, c.mask_size, c.mask_size, 3])
+        image_index = tf.broadcast_to(tf.range(tf.shape(rois)[0])[:, None], tf.shape(rois)[:2])  # [B, Q]
+        return target_lib.crop_rois(x, rois, image_index, c.mask_size, implementation=c.roi_align_implementation)
 
     # ------------------------------------------------------------------ inference path
     def call(self, images, training=False):

@@ -115,29 +115,43 @@ def sample_rois(positive, negative, num_rois, positive_fraction, seed):
     return tf.where(valid, index, 0), valid, is_positive
 
 
+def crop_rois(maps, rois, map_index, size, implementation="gather"):
+    """Cut every RoI out of full-resolution maps: maps ``[N, H, W, C]`` (image pixels), RoIs
+    ``[B, R, 4]`` (y1, x1, y2, x2), ``map_index`` int32 ``[B, R]`` (the map of each RoI)
+    -> float32 ``[B, R, size, size, C]``.
+
+    RoIAlign at stride 1 (2 x 2 bilinear samples per cell, aligned).  The mask targets and the
+    pixels that the mask head may see (``MaskRCNN.roi_pixels``) are both cut here, so a target
+    cell and a pixel cell cover the same part of the image.
+    """
+    batch, num_rois = tf.shape(rois)[0], tf.shape(rois)[1]
+    crops = roi_align(
+        tf.cast(maps, tf.float32),
+        tf.reshape(tf.cast(rois, tf.float32), [-1, 4]),  # [B, R, 4] -> [B*R, 4]
+        tf.reshape(map_index, [-1]),  # [B*R]
+        size,
+        spatial_scale=1.0,
+        sampling_ratio=2,
+        aligned=True,
+        implementation=implementation,
+    )  # [B*R, size, size, C]
+    return tf.reshape(crops, [batch, num_rois, size, size, crops.shape[-1]])
+
+
 def mask_targets_for_rois(gt_masks, rois, matched_gt, mask_size):
     """Mask targets: gt masks bool ``[B, M, H, W]``, RoIs ``[B, R, 4]`` (y1, x1, y2, x2, pixels),
     matched gt index int32 ``[B, R]`` (>= 0) -> float32 ``[B, R, mask_size, mask_size]`` in {0, 1}.
 
-    Each RoI's matched mask, cut along the RoI by RoIAlign (the same sampling the mask head's
-    features get) and binarized at 0.5.
+    Each RoI's matched mask, cut along the RoI by RoIAlign (:func:`crop_rois`, the same sampling
+    the mask head's features get) and binarized at 0.5.
     """
     shape = tf.shape(gt_masks)
     batch, num_gt, height, width = shape[0], shape[1], shape[2], shape[3]
-    # Masks as one-channel feature maps: [B, M, H, W] -> [B*M, H, W, 1]
+    # Masks as one-channel maps: [B, M, H, W] -> [B*M, H, W, 1]
     masks = tf.reshape(tf.cast(gt_masks, tf.float32), [-1, height, width, 1])
     mask_index = tf.range(batch)[:, None] * num_gt + matched_gt  # [B, R] row of each RoI's mask
-    crops = roi_align(
-        masks,
-        tf.reshape(rois, [-1, 4]),  # [B, R, 4] -> [B*R, 4]
-        tf.reshape(mask_index, [-1]),  # [B*R]
-        mask_size,
-        spatial_scale=1.0,
-        sampling_ratio=2,
-        aligned=True,
-    )  # [B*R, mask_size, mask_size, 1]
-    binary = tf.cast(crops[..., 0] >= 0.5, tf.float32)
-    return tf.reshape(binary, [batch, -1, mask_size, mask_size])  # -> [B, R, m, m]
+    crops = crop_rois(masks, rois, mask_index, mask_size)  # [B, R, m, m, 1]
+    return tf.cast(crops[..., 0] >= 0.5, tf.float32)  # [B, R, m, m]
 
 
 def detection_targets(proposals, num_proposals, gt_boxes, gt_class_ids, gt_masks, num_gt, *,

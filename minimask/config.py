@@ -179,7 +179,13 @@ def _tuplify(value):
 # 8 mask RoIs per image instead of 16 (3,669 steps instead of 2,889), box AP 0.743 -> 0.754 at the
 # same mask AP50 (0.960).  With sharp masks the paper's mask threshold of 0.5 is the better one
 # again (val split: mask AP 0.741 -> 0.771, AP50 0.963 -> 0.962 against 0.4).
-MNIST = Config(backbone_weights="digits", box_smooth_l1_beta=0.0, mask_head_pixels=16, mask_rois_per_image=8)
+# Up to half of the box head's 128 RoIs are positives (roi_positive_fraction=0.5, not Fast
+# R-CNN's 0.25): more digits per step for the classifier, whose second-choice classes are what
+# box AP50 loses most to, at no cost in time.  Box AP50 against 0.25 at the same seed, on the
+# test split / val split / 1,000 more test scenes: +0.0056 / +0.0009 / +0.0021 (seed 0), +0.0040 /
+# +0.0007 / +0.0005 (seed 1); box AP and mask AP unchanged within +-0.006.
+MNIST = Config(backbone_weights="digits", box_smooth_l1_beta=0.0, mask_head_pixels=16, mask_rois_per_image=8,
+               roi_positive_fraction=0.5)
 
 # Mask R-CNN on COCO, as in He et al. 2017 ("paper", Sec. 3.1 "Implementation Details") and as
 # Detectron2 runs it for R50-FPN "1x": configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml
